@@ -1,0 +1,88 @@
+"""On-disk conventions of monai-iqt: tensor element order, atomic writes, input errors.
+
+Every NIfTI or JSON file the project writes goes through :func:`save_nifti` or
+:func:`write_json`, so a crash never leaves a truncated file under its final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+#: Order of the 6 unique diffusion tensor elements along the last (NIfTI) or channel (torch)
+#: axis: DIPY's lower-triangular order (``dipy.reconst.dti.lower_triangular``). Units mm^2/s.
+TENSOR_ELEMENTS: tuple[str, ...] = ("Dxx", "Dxy", "Dyy", "Dxz", "Dyz", "Dzz")
+
+
+class InputError(ValueError):
+    """Bad user input: the message is one sentence naming the file and the problem."""
+
+
+def _atomic_target(path: Path) -> tuple[int, str]:
+    """A temporary file in the destination folder, so the final rename is atomic."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)  # keep ".nii.gz" so nibabel compresses
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+
+
+def _replace(tmp_name: str, path: Path) -> None:
+    try:
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def save_nifti(
+    path: str | os.PathLike,
+    data: np.ndarray,
+    affine: np.ndarray,
+    dtype: type | np.dtype | None = None,
+) -> Path:
+    """Write ``data`` as a NIfTI file atomically (temporary name in the same folder, then rename)."""
+    path = Path(path)
+    array = np.asarray(data if dtype is None else data.astype(dtype, copy=False))
+    image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
+    image.header.set_data_dtype(array.dtype)
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
+    fd, tmp_name = _atomic_target(path)
+    os.close(fd)
+    try:
+        nib.save(image, tmp_name)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _replace(tmp_name, path)
+    return path
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> Path:
+    """Write ``payload`` as indented JSON atomically."""
+    path = Path(path)
+    fd, tmp_name = _atomic_target(path)
+    try:
+        with os.fdopen(fd, "w") as stream:
+            json.dump(payload, stream, indent=2, default=_jsonable)
+            stream.write("\n")
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _replace(tmp_name, path)
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
