@@ -1,0 +1,85 @@
+"""The 3D ESPCN of Tanno et al. (2017), the baseline IQT super-resolution network.
+
+Conv 3^3 6->50, ReLU, Conv 1^3 50->100, ReLU, Conv 3^3 100->6 r^3, then a 3D pixel shuffle
+(:func:`monai.networks.utils.pixelshuffle`). All convolutions are *valid* (no padding), so each
+side of the LR grid shrinks by :data:`VALID_SHRINK` = 2 voxels: an 11^3 LR patch gives a 7^3
+LR-grid output, i.e. 14^3 HR voxels for ``upscale_factor=2``.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.utils import pixelshuffle
+from torch import nn
+
+#: LR voxels lost on each side by the valid 3^3, 1^3, 3^3 convolutions (1 + 0 + 1).
+VALID_SHRINK = 2
+
+#: Channels of the two hidden ESPCN layers (Tanno et al. 2017).
+HIDDEN_CHANNELS = (50, 100)
+
+
+def check_network_input(x: torch.Tensor, in_channels: int, min_size: int) -> None:
+    """Raise a clear ``ValueError`` unless ``x`` is (B, in_channels, X, Y, Z), sides >= min_size."""
+    if x.dim() != 5:
+        raise ValueError(
+            f"expected a 5D input (batch, channels, x, y, z), got shape {tuple(x.shape)}"
+        )
+    if x.shape[1] != in_channels:
+        raise ValueError(f"expected {in_channels} input channels, got shape {tuple(x.shape)}")
+    if min(x.shape[2:]) < min_size:
+        raise ValueError(
+            f"every spatial side must be at least {min_size} LR voxels for the valid "
+            f"convolutions, got shape {tuple(x.shape)}"
+        )
+
+
+def check_upscale_factor(upscale_factor: int) -> None:
+    if (
+        not isinstance(upscale_factor, int)
+        or isinstance(upscale_factor, bool)
+        or upscale_factor < 1
+    ):
+        raise ValueError(f"upscale_factor must be an integer >= 1, got {upscale_factor!r}")
+
+
+class ESPCN(nn.Module):
+    """3D efficient sub-pixel CNN for IQT (Tanno et al., MICCAI 2017; Shi et al., CVPR 2016).
+
+    Valid convolutions: an output LR-grid voxel depends on the input voxels within
+    :attr:`halo` = 2 LR voxels on each side (a 5^3 receptive field), and the output LR grid
+    is :attr:`valid_shrink` = 2 voxels smaller on each side than the input.
+
+    Args:
+        in_channels: input channels (6 unique diffusion tensor elements).
+        upscale_factor: r; the output has ``in_channels`` channels at r times the resolution.
+    """
+
+    valid_shrink: int = VALID_SHRINK
+
+    def __init__(self, in_channels: int = 6, upscale_factor: int = 2) -> None:
+        super().__init__()
+        check_upscale_factor(upscale_factor)
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        self.in_channels = in_channels
+        self.upscale_factor = upscale_factor
+        hidden1, hidden2 = HIDDEN_CHANNELS
+        self.conv1 = nn.Conv3d(in_channels, hidden1, kernel_size=3)
+        self.conv2 = nn.Conv3d(hidden1, hidden2, kernel_size=1)
+        self.conv3 = nn.Conv3d(hidden2, in_channels * upscale_factor**3, kernel_size=3)
+
+    @property
+    def halo(self) -> int:
+        """LR voxels on each side of an output voxel that it depends on (2 for the ESPCN)."""
+        return VALID_SHRINK
+
+    def shuffle(self, x: torch.Tensor) -> torch.Tensor:
+        """LR-grid channels (B, C r^3, X, Y, Z) -> HR voxels (B, C, rX, rY, rZ)."""
+        return pixelshuffle(x, spatial_dims=3, scale_factor=self.upscale_factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_network_input(x, self.in_channels, 2 * VALID_SHRINK + 1)
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.shuffle(self.conv3(x))

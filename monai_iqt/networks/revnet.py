@@ -1,0 +1,186 @@
+"""Reversible blocks and ESPCN-RN-N, the ESPCN deepened by stacks of reversible blocks.
+
+ESPCN-RN-N (Blumberg et al., MICCAI 2018, "Deeper Image Quality Transfer") inserts a stack of N
+reversible blocks (Gomez et al., NIPS 2017) before each of the ESPCN's three convolutions. The
+network runs either with plain autograd (``memory_efficient=False``, the paper's "Naive") or
+with the reversible engine of :mod:`monai_iqt.engine.reversible`, which keeps only the stack
+outputs and rebuilds activations in backward; both share one state dict and give the same
+predictions and gradients.
+
+Receptive field (for patch-wise inference): each block's F and G hold one zero-padded 3^3
+convolution, so every block widens the dependence by 2 LR voxels per side; with three stacks an
+output voxel depends on ``halo = 2 + 6 N`` LR voxels on each side of its input voxel (ESPCN
+alone: 2). Only the ESPCN's own convolutions are valid, so the output LR grid is still
+``valid_shrink = 2`` voxels smaller per side than the input (11^3 -> 7^3 -> 14^3 HR for r=2);
+the zero padding inside the blocks makes voxels within ``halo`` of a patch border differ from a
+whole-volume pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from monai_iqt.engine.reversible import (
+    ReversibleSegment,
+    forward_halves,
+    inverse_halves,
+    run_blocks,
+    run_segment,
+    running_stats_frozen,
+)
+from monai_iqt.networks.espcn import (
+    ESPCN,
+    HIDDEN_CHANNELS,
+    VALID_SHRINK,
+    check_network_input,
+)
+
+
+def receptive_halo(num_blocks: int) -> int:
+    """LR voxels on each side an ESPCN-RN-N output voxel depends on: 2 + 6 N (ESPCN: 2)."""
+    if num_blocks < 0:
+        raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+    return VALID_SHRINK + 6 * num_blocks
+
+
+class ResidualBottleneck(nn.Module):
+    """Pre-activation bottleneck residual function (He et al. 2016), the F and G of a RevBlock:
+    BN-ReLU-Conv1^3-BN-ReLU-Conv3^3 (zero padding 1)-BN-ReLU-Conv1^3, same spatial size.
+
+    Args:
+        channels: input and output channels.
+        hidden_channels: channels of the two inner convolutions (default ``channels``).
+    """
+
+    def __init__(self, channels: int, hidden_channels: int | None = None) -> None:
+        super().__init__()
+        hidden = channels if hidden_channels is None else hidden_channels
+        self.norm1 = nn.BatchNorm3d(channels)
+        self.conv1 = nn.Conv3d(channels, hidden, kernel_size=1, bias=False)
+        self.norm2 = nn.BatchNorm3d(hidden)
+        self.conv2 = nn.Conv3d(hidden, hidden, kernel_size=3, padding=1, bias=False)
+        self.norm3 = nn.BatchNorm3d(hidden)
+        self.conv3 = nn.Conv3d(hidden, channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In-place ReLUs act on fresh BatchNorm outputs, which BatchNorm's backward never reads.
+        x = self.conv1(torch.relu_(self.norm1(x)))
+        x = self.conv2(torch.relu_(self.norm2(x)))
+        return self.conv3(torch.relu_(self.norm3(x)))
+
+
+class RevBlock(nn.Module):
+    """Reversible residual block (Gomez et al. 2017; Fig. 1 of the paper).
+
+    X = [x_a, x_b] split by channels; z = x_a + F(x_b); y_b = x_b + G(z); y_a = z;
+    Y = [y_a, y_b]. :meth:`inverse` recovers X from Y exactly up to rounding.
+
+    Args:
+        channels: channels of X and Y; must be even (split into two halves).
+        hidden_channels: inner width of F and G (default ``channels // 2``).
+    """
+
+    def __init__(self, channels: int, hidden_channels: int | None = None) -> None:
+        super().__init__()
+        if channels < 2 or channels % 2:
+            raise ValueError(
+                f"a reversible block splits channels into two halves: channels must be even "
+                f"and >= 2, got {channels}"
+            )
+        self.channels = channels
+        half = channels // 2
+        self.f = ResidualBottleneck(half, hidden_channels)
+        self.g = ResidualBottleneck(half, hidden_channels)
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.dim() != 5 or x.shape[1] != self.channels:
+            raise ValueError(
+                f"RevBlock expects a 5D (batch, {self.channels}, x, y, z) tensor, "
+                f"got shape {tuple(x.shape)}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        half = self.channels // 2
+        return torch.cat(forward_halves(self, x[:, :half], x[:, half:]), dim=1)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """X from Y = forward(X); never updates BatchNorm running statistics."""
+        self._check(y)
+        half = self.channels // 2
+        with running_stats_frozen(self):
+            return torch.cat(inverse_halves(self, y[:, :half], y[:, half:]), dim=1)
+
+
+class ESPCN_RN(ESPCN):  # noqa: N801 - the paper's name
+    """ESPCN-RN-N: the 3D ESPCN with a stack of ``num_blocks`` reversible blocks before each of
+    its three convolutions (Blumberg et al. 2018, Fig. 3a). ``num_blocks=0`` is the ESPCN.
+
+    The state dict holds ``conv1.*``, ``conv2.*``, ``conv3.*`` (as :class:`ESPCN`) and
+    ``stacks.{0,1,2}.{i}.{f,g}.*``; it is the same in both modes, so weights trained in one
+    load into the other.
+
+    ``memory_efficient=True`` uses the reversible engine whenever autograd records (grad enabled
+    and an input or parameter requires grad), in train and in eval mode; inference under
+    ``torch.no_grad()`` takes the plain path. ``loss.backward()`` works unchanged.
+
+    Receptive field: an output voxel depends on :attr:`halo` = 2 + 6 N LR voxels on each side
+    (the blocks' 3^3 convolutions are zero-padded); the output LR grid is
+    :attr:`valid_shrink` = 2 voxels smaller on each side than the input.
+
+    Args:
+        num_blocks: N, reversible blocks per stack (>= 0).
+        memory_efficient: rebuild activations in backward instead of storing them.
+        in_channels: input channels (6 tensor elements).
+        upscale_factor: r (>= 1).
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        memory_efficient: bool = False,
+        in_channels: int = 6,
+        upscale_factor: int = 2,
+    ) -> None:
+        if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 0:
+            raise ValueError(f"num_blocks must be an integer >= 0, got {num_blocks!r}")
+        if num_blocks > 0 and in_channels % 2:
+            raise ValueError(
+                f"reversible blocks split channels into two halves: in_channels must be even, "
+                f"got {in_channels}"
+            )
+        super().__init__(in_channels=in_channels, upscale_factor=upscale_factor)
+        self.num_blocks = num_blocks
+        self.memory_efficient = memory_efficient
+        widths = (in_channels, *HIDDEN_CHANNELS)
+        self.stacks = nn.ModuleList(
+            nn.ModuleList(RevBlock(width) for _ in range(num_blocks)) for width in widths
+        )
+        # Engine views of (conv before the stack, stack); not submodules, so no state-dict keys.
+        convs = (None, self.conv1, self.conv2)
+        self._segments = tuple(
+            ReversibleSegment(conv, stack) for conv, stack in zip(convs, self.stacks, strict=True)
+        )
+
+    @property
+    def halo(self) -> int:
+        """LR voxels on each side of an output voxel that it depends on: 2 + 6 N."""
+        return receptive_halo(self.num_blocks)
+
+    def _records_autograd(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_network_input(x, self.in_channels, 2 * VALID_SHRINK + 1)
+        if self.memory_efficient and self.num_blocks > 0 and self._records_autograd(x):
+            a = x
+            for segment in self._segments:
+                a = run_segment(segment, a)
+        else:
+            a = run_blocks(self.stacks[0], x)
+            a = run_blocks(self.stacks[1], torch.relu(self.conv1(a)))
+            a = run_blocks(self.stacks[2], torch.relu(self.conv2(a)))
+        return self.shuffle(self.conv3(a))
