@@ -1,4 +1,4 @@
-"""Whole-brain sliding-window inference: an LR tensor image in, the HR tensor image and its maps out.
+"""Whole-brain sliding-window inference: LR tensor image in, HR tensor image and its maps out.
 
 Windows go through MONAI's :func:`~monai.inferers.sliding_window_inference`; each window's
 prediction is kept only where it equals what one pass of the network over the whole (padded)
@@ -71,7 +71,7 @@ def plan_windows(
     if isinstance(max_window, int):
         max_window = (max_window,) * 3
     roi, overlap = [], []
-    for size, limit in zip(padded_shape, max_window):
+    for size, limit in zip(padded_shape, max_window, strict=True):
         if limit <= 0 or size <= limit:
             roi.append(int(size))
             overlap.append(0.0)
@@ -111,7 +111,7 @@ class HaloWeightedPredictor:
         """HR slices (within the window's r-times output) where the prediction is exact."""
         r, margin = self.upscale_factor, VALID_SHRINK
         slices = []
-        for spatial, size in zip(window, self.padded_shape):
+        for spatial, size in zip(window, self.padded_shape, strict=True):
             low = margin if spatial.start == 0 else self.halo
             high = margin if spatial.stop == size else self.halo
             slices.append(slice(r * low, r * (spatial.stop - spatial.start - high)))
@@ -173,7 +173,7 @@ class WholeBrainInferer:
         return parameter.dtype if parameter is not None else torch.float32
 
     def _padded_input(self, dt_lr: np.ndarray, brain_lr: np.ndarray) -> torch.Tensor:
-        """(1, 7, X+4, Y+4, Z+4): normalised tensor (zero mm^2/s outside the field of view) + brain."""
+        """(1, 7, X+4, Y+4, Z+4): normalised tensor (0 mm^2/s beyond the field of view) + brain."""
         dt = torch.as_tensor(np.moveaxis(np.asarray(dt_lr), -1, 0)[None], dtype=self._dtype())
         brain = torch.as_tensor(np.asarray(brain_lr, dtype=bool)[None, None], dtype=dt.dtype)
         pad = (VALID_SHRINK,) * 6  # zero mm^2/s (background) beyond the field of view, no brain
@@ -411,8 +411,8 @@ def _read_gradients(
         vectors = vectors.T
     if values.size != volumes or vectors.shape != (volumes, 3):
         raise InputError(
-            f"{bvals_path} has {values.size} b-values and {bvecs_path} {vectors.shape[0]} directions "
-            f"but {dwi_path} has {volumes} volumes"
+            f"{bvals_path} has {values.size} b-values and {bvecs_path} {vectors.shape[0]} "
+            f"directions but {dwi_path} has {volumes} volumes"
         )
     return values, vectors
 
@@ -432,7 +432,7 @@ def discover_inputs(folder: Path) -> list[Path]:
 
 
 def check_output_dir(output_dir: str | os.PathLike) -> Path:
-    """Create ``output_dir`` and prove it is writable (by writing a probe file) before any compute."""
+    """Create ``output_dir`` and prove it writable (write a probe file) before any compute."""
     output_dir = Path(output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -537,7 +537,7 @@ def run_inference(
 
 
 def bundle_inference(**kwargs) -> dict[str, dict[str, Path]]:
-    """Entry of the bundle's ``inference``: :func:`run_inference`, bad input ends with exit code 2."""
+    """The bundle's ``inference``: :func:`run_inference`; bad input exits with code 2."""
     try:
         return run_inference(**kwargs)
     except InputError as error:

@@ -1,4 +1,4 @@
-"""Accuracy of a high-resolution tensor prediction against ground truth, and interpolation baselines.
+"""Accuracy of an HR tensor prediction against ground truth, and interpolation baselines.
 
 Conventions (``DESIGN.md``): RMSE over the 6 tensor elements of brain voxels, reported in
 1e-5 mm^2/s; *interior* brain voxels are those whose LR voxel's cubic neighbourhood of the given
