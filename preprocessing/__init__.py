@@ -1,10 +1,39 @@
 """DIPY stage of monai-iqt: HCP diffusion data to paired low/high-resolution tensor volumes.
 
-No torch import anywhere in this package, so it runs on CPU-only cluster nodes.
+No torch import anywhere in this package, so it runs on CPU-only cluster nodes. The DIPY-based
+entry points are imported lazily, so ``from preprocessing.io import ...`` stays cheap.
+
+Public API:
+    fit_dti(dwi, bvals, bvecs, mask) -> (X, Y, Z, 6) float32 tensor volume (DIPY WLS).
+    preprocess_subject(subject_dir, out_subject_dir, options) -> record dict (or None if done).
+    preprocess_hcp(hcp_root, out, subjects, options, workers) -> RunSummary.
+    write_synthetic_subject(root, subject_id, seed, index, shape, snr) / write_synthetic_subjects.
 """
+
+from importlib import import_module
 
 from preprocessing.geometry import crop_to_multiple, hr_affine_from_lr, lr_affine_from_hr
 from preprocessing.io import TENSOR_ELEMENTS, InputError, save_nifti, write_json
+
+_LAZY = {
+    "fit_dti": "preprocessing.tensor_fit",
+    "count_non_positive_definite": "preprocessing.tensor_fit",
+    "block_mean": "preprocessing.downsample",
+    "downsample_mask": "preprocessing.downsample",
+    "PreprocessingOptions": "preprocessing.hcp",
+    "RunSummary": "preprocessing.hcp",
+    "preprocess_subject": "preprocessing.hcp",
+    "preprocess_hcp": "preprocessing.hcp",
+    "write_synthetic_subject": "preprocessing.synthetic",
+    "write_synthetic_subjects": "preprocessing.synthetic",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'preprocessing' has no attribute {name!r}")
+
 
 __all__ = [
     "TENSOR_ELEMENTS",
@@ -14,4 +43,5 @@ __all__ = [
     "lr_affine_from_hr",
     "save_nifti",
     "write_json",
+    *_LAZY,
 ]
