@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -398,12 +399,19 @@ def _save_nifti_volumes(path: Path, shape, count: int, affine, volumes) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.nii.gz", dir=path.parent)
     os.close(fd)
     try:
-        with Opener(tmp_name, "wb") as stream:  # nibabel's deterministic gzip (no name/mtime)
+        # nibabel's deterministic gzip (no name/mtime); one thread compresses volume k while
+        # the caller's generator computes volume k + 1 (zlib releases the GIL).
+        with Opener(tmp_name, "wb") as stream, ThreadPoolExecutor(max_workers=1) as writer:
             header.write_to(stream)
-            written = 0
+            written, pending = 0, None
             for volume in volumes:
-                stream.write(np.asarray(volume, dtype="<f4").tobytes(order="F"))
+                chunk = np.asarray(volume, dtype="<f4").tobytes(order="F")
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(stream.write, chunk)
                 written += 1
+            if pending is not None:
+                pending.result()
         if written != count:
             raise ValueError(f"expected {count} volumes for {path}, got {written}")
         os.replace(tmp_name, path)
