@@ -15,6 +15,7 @@ import io
 import logging
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -357,8 +358,7 @@ def bundle_evaluate(
             inferers[model_label(inferer.stats.extra.get("num_blocks", 0))] = inferer
         result = evaluate(dataset_dir, output_dir, inferers, **kwargs)
     except InputError as error:
-        log.error("%s", error)
-        print(f"error: {error}", flush=True)
+        print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     print(result.summary_markdown, flush=True)
     print(f"wrote {', '.join(str(p) for p in result.files.values())}", flush=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,8 +39,16 @@ log = logging.getLogger(__name__)
 #: LR voxels lost on each side by the ESPCN's valid 3^3, 1^3, 3^3 convolutions.
 VALID_SHRINK = 2
 
+#: b-values below this are b0 volumes (HCP b0 volumes have b=5), as in preprocessing.
+B0_THRESHOLD = 100.0
+
 #: Relative difference between input and training voxel sizes above which inference warns.
 VOXEL_SIZE_TOLERANCE = 0.2
+
+#: The repository (editable install) and the bundle inside it; the bundle configs resolve
+#: their default paths from these, so the commands work from any working directory.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_ROOT = REPO_ROOT / "bundles" / "iqt_espcn_rn"
 
 #: Names of the files written per subject.
 OUTPUT_NAMES = {
@@ -353,11 +362,14 @@ def load_input(
     bvals: str | os.PathLike | None = None,
     bvecs: str | os.PathLike | None = None,
     name: str | None = None,
+    bmax: float = 1500.0,
 ) -> InferenceInput:
     """Validate and load an LR tensor NIfTI, or a DWI NIfTI whose tensor is fitted with DIPY.
 
     A 4D image with 6 volumes and no ``bvals``/``bvecs`` is a tensor image; any other 4D image
-    is a DWI and needs its FSL ``bvals`` and ``bvecs`` (given, or beside it).
+    is a DWI and needs its FSL ``bvals`` and ``bvecs`` (given, or beside it); its tensor is
+    fitted (DIPY WLS) on the volumes with b <= ``bmax`` (b0 and the b=1000 shell, as in
+    preprocessing), inside ``mask`` when given.
     """
     path = Path(path)
     image = _load_image(path, "LR input")
@@ -392,9 +404,14 @@ def load_input(
             f"it needs its {missing} (give --bvals/--bvecs; none found beside it)"
         )
     values, vectors = _read_gradients(bvals_path, bvecs_path, image.shape[3], path)
-    dwi = np.asarray(image.dataobj, dtype=np.float32)
+    selected = np.flatnonzero(values <= bmax)  # b0 and the b=1000 shell, as in preprocessing
+    if np.count_nonzero(values[selected] >= B0_THRESHOLD) < 6:
+        raise InputError(f"{path} has fewer than 6 diffusion-weighted volumes with b <= {bmax:g}")
+    # one sequential read (slicing volume by volume re-decompresses a .gz file each time)
+    dwi = np.asarray(image.dataobj)[..., selected].astype(np.float32)
     _check_finite(path, dwi)
-    return InferenceInput(name, _fit(dwi, values, vectors, mask_lr), image.affine, mask_lr, path)
+    tensor = _fit(dwi, values[selected], vectors[selected], mask_lr)
+    return InferenceInput(name, tensor, image.affine, mask_lr, path)
 
 
 def _read_gradients(
@@ -423,7 +440,7 @@ def _fit(
     from preprocessing.tensor_fit import fit_dti
 
     log.info("fitting DTI on the DWI input (%d volumes)", dwi.shape[3])
-    return fit_dti(dwi, bvals, bvecs, mask=mask)
+    return fit_dti(dwi, bvals, bvecs, mask=mask, b0_threshold=B0_THRESHOLD)
 
 
 def discover_inputs(folder: Path) -> list[Path]:
@@ -541,6 +558,5 @@ def bundle_inference(**kwargs) -> dict[str, dict[str, Path]]:
     try:
         return run_inference(**kwargs)
     except InputError as error:
-        log.error("%s", error)
-        print(f"error: {error}", flush=True)
+        print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
