@@ -20,6 +20,15 @@ import numpy as np
 TENSOR_ELEMENTS: tuple[str, ...] = ("Dxx", "Dxy", "Dyy", "Dxz", "Dyz", "Dzz")
 
 
+def _current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _current_umask()
+
+
 class InputError(ValueError):
     """Bad user input: the message is one sentence naming the file and the problem."""
 
@@ -28,7 +37,11 @@ def _atomic_target(path: Path) -> tuple[int, str]:
     """A temporary file in the destination folder, so the final rename is atomic."""
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)  # keep ".nii.gz" so nibabel compresses
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent
+    )
+    os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
+    return fd, tmp_name
 
 
 def _replace(tmp_name: str, path: Path) -> None:
@@ -45,7 +58,7 @@ def save_nifti(
     affine: np.ndarray,
     dtype: type | np.dtype | None = None,
 ) -> Path:
-    """Write ``data`` as a NIfTI file atomically (temporary name in the same folder, then rename)."""
+    """Write ``data`` as a NIfTI file atomically (temporary name in the same folder, renamed)."""
     path = Path(path)
     array = np.asarray(data if dtype is None else data.astype(dtype, copy=False))
     image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))

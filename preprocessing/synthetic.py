@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ import numpy as np
 from nibabel.openers import Opener
 from scipy.spatial import cKDTree
 
-from preprocessing.io import save_nifti
+from preprocessing.io import _atomic_target, _replace, save_nifti
 
 log = logging.getLogger(__name__)
 
@@ -374,16 +373,15 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Atomic text write (temporary name in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Atomic text write through the package's temporary-name-then-rename helpers."""
+    fd, tmp_name = _atomic_target(path)
     try:
         with os.fdopen(fd, "w") as stream:
             stream.write(text)
-        os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+    _replace(tmp_name, path)
 
 
 def _save_nifti_volumes(path: Path, shape, count: int, affine, volumes) -> None:
@@ -395,8 +393,7 @@ def _save_nifti_volumes(path: Path, shape, count: int, affine, volumes) -> None:
     header.set_sform(affine, code=1)
     header.set_xyzt_units("mm", "sec")
     header.set_data_offset(352)  # 348-byte header + 4-byte empty extension flag
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.nii.gz", dir=path.parent)
+    fd, tmp_name = _atomic_target(path)
     os.close(fd)
     try:
         # nibabel's deterministic gzip (no name/mtime); one thread compresses volume k while
@@ -414,7 +411,7 @@ def _save_nifti_volumes(path: Path, shape, count: int, affine, volumes) -> None:
                 pending.result()
         if written != count:
             raise ValueError(f"expected {count} volumes for {path}, got {written}")
-        os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+    _replace(tmp_name, path)
