@@ -34,20 +34,21 @@ def is_writer() -> bool:
     return rank() == 0
 
 
-def init_process_group() -> torch.device:
-    """Join the torchrun process group (NCCL with one GPU per local rank, else gloo on CPU) and
-    return this rank's device."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available()
+def local_device() -> torch.device:
+    """This process's device: the GPU of its torchrun local rank, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init_process_group() -> None:
+    """Join the torchrun process group: NCCL with one GPU per local rank, gloo on CPU."""
+    device = local_device()
     if not is_distributed():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     log.info("rank %d of %d on %s (%s)", rank(), world_size(), device, dist.get_backend())
-    return device
 
 
 def destroy_process_group() -> None:
