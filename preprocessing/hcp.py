@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -198,7 +199,7 @@ def read_selected_volumes(inputs: SubjectInputs, factor: int) -> tuple[np.ndarra
                 )
             dwi_hr[position] = volume
             dwi_lr[position] = block_mean(volume, factor)
-    except (OSError, EOFError, ValueError) as error:
+    except (OSError, EOFError, ValueError, zlib.error) as error:
         if isinstance(error, InputError):
             raise
         raise InputError(f"{inputs.data_path} cannot be read: {error}.") from error

@@ -105,6 +105,12 @@ def _bad_value(value):
     return corrupt
 
 
+def _truncated_data(folder):
+    payload = (folder / "data.nii.gz").read_bytes()
+    (folder / "data.nii.gz").unlink()
+    (folder / "data.nii.gz").write_bytes(payload[: len(payload) // 2])
+
+
 # subject id -> (corruption, file named in the message, words of the problem)
 CASES = {
     "missing_file": (_missing_file, "bvecs", "is missing"),
@@ -119,6 +125,7 @@ CASES = {
     "empty_mask": (_empty_mask, "nodif_brain_mask.nii.gz", "is empty"),
     "nan_data": (_bad_value(np.nan), "data.nii.gz", "volume 4 contains NaN or inf"),
     "inf_data": (_bad_value(np.inf), "data.nii.gz", "volume 4 contains NaN or inf"),
+    "truncated_data": (_truncated_data, "data.nii.gz", "cannot be read"),
 }
 
 
