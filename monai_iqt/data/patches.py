@@ -225,6 +225,7 @@ class PatchData:
     stats: NormalisationStats
     train_dataset: Dataset
     val_dataset: Dataset
+    patch_pairs: ExtractPatchPair
     cache_bytes: int
 
     @property
@@ -309,6 +310,7 @@ def build_patch_data(
         stats=stats,
         train_dataset=Dataset(train, transform=normalised),
         val_dataset=Dataset(val, transform=normalised),
+        patch_pairs=normalised,
         cache_bytes=cache_bytes,
     )
 

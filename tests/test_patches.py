@@ -1,0 +1,210 @@
+"""Patch pairs from preprocessed subjects: geometry, seeding, split, statistics and bad input.
+
+Subjects are hand-made NIfTIs whose LR tensor is the exact r^3 block mean of the HR tensor, so
+every LR/HR patch pair can be checked against that relation independently of the cropping code.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from monai_iqt.data import NormalisationStats, build_patch_data, valid_patch_starts
+from preprocessing.geometry import lr_affine_from_hr
+from preprocessing.io import InputError, save_nifti, write_json
+
+FACTOR = 2
+HR_SHAPE = (32, 36, 30)
+HR_AFFINE = np.diag([1.25, 1.25, 1.25, 1.0])
+HR_AFFINE[:3, 3] = (-15.0, -17.0, -16.0)
+
+
+def block_mean(volume: np.ndarray, r: int) -> np.ndarray:
+    """Mean over r^3 blocks of the last three axes of a channel-first volume."""
+    c, x, y, z = volume.shape
+    return volume.reshape(c, x // r, r, y // r, r, z // r, r).mean(axis=(2, 4, 6))
+
+
+def write_subject(
+    root: Path,
+    name: str,
+    seed: int,
+    channels: int = 6,
+    factor: int = FACTOR,
+    hr_shape: tuple[int, int, int] = HR_SHAPE,
+) -> Path:
+    """A subject folder like ``python -m preprocessing hcp`` writes (tensors in mm^2/s)."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in hr_shape], indexing="ij"))
+    mask_hr = (grid**2).sum(axis=0) < 0.8
+    smooth = np.stack([np.sin((c + 1) * grid[c % 3] + rng.uniform(0, 3)) for c in range(channels)])
+    dt_hr = (1e-3 * (1.5 + smooth) * mask_hr).astype(np.float32)
+    dt_lr = block_mean(dt_hr, factor).astype(np.float32)
+    folder = root / name
+    save_nifti(folder / "dt_hr.nii.gz", np.moveaxis(dt_hr, 0, -1), HR_AFFINE)
+    save_nifti(
+        folder / "dt_lr.nii.gz", np.moveaxis(dt_lr, 0, -1), lr_affine_from_hr(HR_AFFINE, factor)
+    )
+    save_nifti(folder / "mask_hr.nii.gz", mask_hr.astype(np.uint8), HR_AFFINE)
+    mask_lr = block_mean(mask_hr[None].astype(np.float32), factor)[0] >= 0.5
+    save_nifti(
+        folder / "mask_lr.nii.gz", mask_lr.astype(np.uint8), lr_affine_from_hr(HR_AFFINE, factor)
+    )
+    write_json(folder / "preprocessing.json", {"factor": factor})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("patches")
+    for index, name in enumerate(("subjA", "subjB")):
+        write_subject(root, name, seed=index)
+    return root
+
+
+def raw_pairs(data, split: str):
+    dataset = data.train_dataset if split == "train" else data.val_dataset
+    return [(loc, *data.patch_pairs.crop(loc)) for loc in dataset.data]
+
+
+def test_patch_pairs_follow_the_lr_hr_relation(dataset: Path) -> None:
+    data = build_patch_data(dataset, patches_per_subject=40, seed=3)
+    assert (data.upscale_factor, data.lr_patch_size, data.hr_patch_size) == (2, 11, 14)
+    assert data.lr_voxel_size_mm == pytest.approx([2.5, 2.5, 2.5])
+    volumes = {}
+    for loc, image, label in raw_pairs(data, "train") + raw_pairs(data, "val"):
+        assert image.shape == (6, 11, 11, 11) and label.shape == (6, 14, 14, 14)
+        # Oracle: the LR volume is the r^3 block mean of the HR volume, so the target block must
+        # average back to the central 7^3 LR voxels the network's valid output covers.
+        np.testing.assert_allclose(
+            block_mean(label.numpy(), 2), image[:, 2:-2, 2:-2, 2:-2], rtol=1e-5, atol=1e-9
+        )
+        name = data.subjects[loc.subject]
+        if name not in volumes:
+            import nibabel as nib
+
+            volumes[name] = np.asarray(nib.load(dataset / name / "mask_hr.nii.gz").dataobj)
+        centre = [2 * (s + 2) + 7 for s in loc.start]
+        assert volumes[name][tuple(centre)] == 1, "HR target centre outside the brain mask"
+
+
+def test_sampling_is_seeded_split_80_20_and_per_subject(dataset: Path) -> None:
+    a = build_patch_data(dataset, patches_per_subject=40, seed=3)
+    b = build_patch_data(dataset, patches_per_subject=40, seed=3)
+    c = build_patch_data(dataset, patches_per_subject=40, seed=4)
+    only_b = build_patch_data(dataset, subjects=["subjB"], patches_per_subject=40, seed=3)
+    assert a.train_dataset.data == b.train_dataset.data and a.val_dataset.data == b.val_dataset.data
+    assert a.train_dataset.data != c.train_dataset.data
+    assert (len(a.train_dataset), len(a.val_dataset)) == (64, 16)
+    for subject in (0, 1):
+        train = {loc.start for loc in a.train_dataset.data if loc.subject == subject}
+        val = {loc.start for loc in a.val_dataset.data if loc.subject == subject}
+        assert (len(train), len(val)) == (32, 8) and not train & val
+    # A subject's patches do not depend on which other subjects are used.
+    b_starts = [loc.start for loc in a.train_dataset.data if loc.subject == 1]
+    assert [loc.start for loc in only_b.train_dataset.data] == b_starts
+
+
+def test_normalisation_statistics_come_from_training_patches(dataset: Path) -> None:
+    data = build_patch_data(dataset, patches_per_subject=40, seed=3)
+    pairs = raw_pairs(data, "train")
+    oracle = NormalisationStats.from_samples(
+        torch.stack([p[1] for p in pairs]), torch.stack([p[2] for p in pairs])
+    )
+    for field in ("input_mean", "input_std", "target_mean", "target_std"):
+        np.testing.assert_allclose(getattr(data.stats, field), getattr(oracle, field), rtol=1e-9)
+    item = data.train_dataset[0]
+    _, image, label = pairs[0]
+    mean = torch.tensor(oracle.input_mean, dtype=torch.float64)[:, None, None, None]
+    std = torch.tensor(oracle.input_std, dtype=torch.float64)[:, None, None, None]
+    np.testing.assert_allclose(item["image"].double(), (image.double() - mean) / std, atol=1e-5)
+    t_mean = torch.tensor(oracle.target_mean, dtype=torch.float64)[:, None, None, None]
+    t_std = torch.tensor(oracle.target_std, dtype=torch.float64)[:, None, None, None]
+    np.testing.assert_allclose(item["label"].double(), (label.double() - t_mean) / t_std, atol=1e-5)
+    extra = data.model_extra()
+    assert extra["tensor_elements"] == ["Dxx", "Dxy", "Dyy", "Dxz", "Dyz", "Dzz"]
+    assert extra["upscale_factor"] == 2 and extra["lr_patch_size"] == 11
+
+
+def test_valid_starts_match_a_brute_force_scan() -> None:
+    rng = np.random.default_rng(0)
+    mask = rng.random((30, 26, 22)) > 0.7
+    starts = {tuple(s) for s in valid_patch_starts(mask, (15, 13, 11), 7, 2)}
+    brute = set()
+    for x in range(15 - 7 + 1):
+        for y in range(13 - 7 + 1):
+            for z in range(11 - 7 + 1):
+                if mask[2 * (x + 2) + 3, 2 * (y + 2) + 3, 2 * (z + 2) + 3]:
+                    brute.add((x, y, z))
+    assert starts == brute and starts
+
+
+def test_preprocessed_fixture_subjects_give_patches(preprocessed_root: Path) -> None:
+    data = build_patch_data(preprocessed_root, patches_per_subject=10, seed=0)
+    assert data.subjects == ["synth000", "synth001", "synth002"]
+    assert (len(data.train_dataset), len(data.val_dataset)) == (24, 6)
+    item = data.val_dataset[0]
+    assert torch.isfinite(item["image"]).all() and item["label"].shape == (6, 14, 14, 14)
+
+
+# ---- bad input: one sentence naming the file and the problem --------------------------------
+
+
+def test_missing_dataset_dir_says_which_command_makes_it(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"does not exist; make .*python -m preprocessing hcp"):
+        build_patch_data(tmp_path / "demo" / "preprocessed")
+
+
+def test_dataset_dir_without_subjects(tmp_path: Path) -> None:
+    (tmp_path / "empty" / "half_done").mkdir(parents=True)
+    with pytest.raises(InputError, match=r"has no preprocessed subjects"):
+        build_patch_data(tmp_path / "empty")
+
+
+def test_unknown_subject(dataset: Path) -> None:
+    with pytest.raises(InputError, match=r"subject nobody is not a preprocessed subject"):
+        build_patch_data(dataset, subjects=["subjA", "nobody"])
+
+
+def test_subjects_with_different_channel_counts(tmp_path: Path) -> None:
+    write_subject(tmp_path, "six", 0)
+    write_subject(tmp_path, "four", 1, channels=4)
+    with pytest.raises(InputError, match=r"subjects four and six have different channel counts"):
+        build_patch_data(tmp_path, patches_per_subject=5)
+
+
+def test_subjects_with_different_factors(tmp_path: Path) -> None:
+    write_subject(tmp_path, "r2", 0)
+    write_subject(tmp_path, "r3", 1, factor=3, hr_shape=(33, 36, 33))
+    with pytest.raises(InputError, match=r"subjects r2 and r3 have different upscale factors"):
+        build_patch_data(tmp_path, patches_per_subject=5)
+
+
+def test_too_few_valid_patches(dataset: Path) -> None:
+    with pytest.raises(InputError, match=r"subject subjA .* has only \d+ 11\^3 patch positions"):
+        build_patch_data(dataset, patches_per_subject=100000)
+
+
+def test_nan_in_a_tensor_volume(tmp_path: Path, dataset: Path) -> None:
+    shutil.copytree(dataset, tmp_path / "data")
+    import nibabel as nib
+
+    path = tmp_path / "data" / "subjB" / "dt_lr.nii.gz"
+    image = nib.load(path)
+    data = np.asarray(image.dataobj).copy()
+    data[3, 3, 3, 0] = np.nan
+    save_nifti(path, data, image.affine)
+    with pytest.raises(InputError, match=r"subjB/dt_lr.nii.gz contains NaN"):
+        build_patch_data(tmp_path / "data", patches_per_subject=5)
+
+
+def test_hr_shape_not_factor_times_lr(tmp_path: Path, dataset: Path) -> None:
+    shutil.copytree(dataset, tmp_path / "data")
+    (tmp_path / "data" / "subjA" / "preprocessing.json").write_text(json.dumps({"factor": 3}))
+    with pytest.raises(InputError, match=r"subjA/dt_hr.nii.gz has spatial shape .* not 3 x"):
+        build_patch_data(tmp_path / "data", patches_per_subject=5)
