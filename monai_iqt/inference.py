@@ -103,7 +103,9 @@ class HaloWeightedPredictor:
 
     Input windows have 7 channels: the 6 normalised tensor elements and a brain indicator.
     Output windows (r times larger) have 7 channels: the normalised prediction times a 0/1
-    weight, and the weight. Windows with no brain in their output region are not computed.
+    weight, and the weight. A window runs the network only on the bounding box of its brain
+    voxels plus the halo; windows without brain in their exact region are not computed.
+    Crops of equal shape within one MONAI batch (``sw_batch_size``) share a network call.
     """
 
     def __init__(
@@ -115,35 +117,65 @@ class HaloWeightedPredictor:
         self.upscale_factor = upscale_factor
         self.windows_computed = 0
         self.windows_skipped = 0
+        self.voxels_computed = 0
 
-    def _exact_slices(self, window: Sequence[slice]) -> tuple[slice, ...]:
-        """HR slices (within the window's r-times output) where the prediction is exact."""
-        r, margin = self.upscale_factor, VALID_SHRINK
-        slices = []
-        for spatial, size in zip(window, self.padded_shape, strict=True):
-            low = margin if spatial.start == 0 else self.halo
-            high = margin if spatial.stop == size else self.halo
-            slices.append(slice(r * low, r * (spatial.stop - spatial.start - high)))
-        return tuple(slices)
+    def _exact_range(self, start: int, stop: int, window: slice, size: int) -> tuple[int, int]:
+        """Exact outputs of a network pass over window-relative range [start, stop).
+
+        A side is exact from ``VALID_SHRINK`` voxels in when it is the padded volume's own side
+        (the whole-volume pass sees the same zero padding there), else from ``halo`` voxels in.
+        """
+        at_low = start == 0 and window.start == 0
+        at_high = stop == window.stop - window.start and window.stop == size
+        return (
+            start + (VALID_SHRINK if at_low else self.halo),
+            stop - (VALID_SHRINK if at_high else self.halo),
+        )
+
+    def _crop(self, brain: torch.Tensor, window: Sequence[slice]) -> tuple[slice, ...] | None:
+        """Window-relative LR crop to run: brain bounding box (in the exact region) plus halo."""
+        spans = [
+            self._exact_range(0, w.stop - w.start, w, size)
+            for w, size in zip(window, self.padded_shape, strict=True)
+        ]
+        inside = brain[tuple(slice(low, high) for low, high in spans)]
+        if not bool(inside.any()):
+            return None
+        found = torch.nonzero(inside)
+        first = (found.min(dim=0).values).tolist()
+        last = (found.max(dim=0).values + 1).tolist()
+        return tuple(
+            slice(max(0, low + a - self.halo), min(w.stop - w.start, low + b + self.halo))
+            for (low, _), a, b, w in zip(spans, first, last, window, strict=True)
+        )
 
     def __call__(self, windows: torch.Tensor, coordinates: list) -> torch.Tensor:
-        r, margin = self.upscale_factor, VALID_SHRINK
+        r = self.upscale_factor
         batch, _, *shape = windows.shape
         out = windows.new_zeros((batch, 7, *(r * s for s in shape)))
-        inner = (slice(margin, -margin),) * 3
-        has_brain = [bool(windows[(b, 6, *inner)].any()) for b in range(batch)]
-        keep = [b for b in range(batch) if has_brain[b]]
-        self.windows_skipped += batch - len(keep)
-        if not keep:
-            return out
-        self.windows_computed += len(keep)
-        prediction = self.network(windows[keep, :6])
-        for index, b in enumerate(keep):
-            exact = self._exact_slices(coordinates[b][2:])
-            # prediction covers the window's output region [margin, size - margin) on the LR grid
-            shifted = tuple(slice(s.start - r * margin, s.stop - r * margin) for s in exact)
-            out[(b, slice(0, 6), *exact)] = prediction[(index, slice(None), *shifted)]
-            out[(b, 6, *exact)] = 1.0
+        groups: dict[tuple[int, ...], list[tuple[int, tuple[slice, ...]]]] = {}
+        for b in range(batch):
+            crop = self._crop(windows[b, 6], coordinates[b][2:])
+            if crop is None:
+                self.windows_skipped += 1
+                continue
+            groups.setdefault(tuple(c.stop - c.start for c in crop), []).append((b, crop))
+        for crop_shape, members in groups.items():
+            inputs = torch.stack([windows[(b, slice(0, 6), *crop)] for b, crop in members])
+            prediction = self.network(inputs)
+            self.windows_computed += len(members)
+            self.voxels_computed += len(members) * math.prod(crop_shape)
+            for index, (b, crop) in enumerate(members):
+                window = coordinates[b][2:]
+                target, source = [], []
+                for c, w, size in zip(crop, window, self.padded_shape, strict=True):
+                    low, high = self._exact_range(c.start, c.stop, w, size)
+                    # the prediction covers LR positions [c.start + 2, c.stop - 2) of the window
+                    offset = c.start + VALID_SHRINK
+                    target.append(slice(r * low, r * high))
+                    source.append(slice(r * (low - offset), r * (high - offset)))
+                out[(b, slice(0, 6), *target)] = prediction[(index, slice(None), *source)]
+                out[(b, 6, *target)] = 1.0
         return out
 
 
