@@ -34,9 +34,9 @@ def run_preprocessing(hcp_root: Path, out: Path) -> dict[str, float]:
     process = subprocess.Popen(command)
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise SystemExit(f"preprocessing failed with exit code {process.returncode}")
+    exit_code = os.waitstatus_to_exitcode(status)
+    if exit_code != 0:
+        raise SystemExit(f"preprocessing failed with exit code {exit_code}")
     return {
         "wall_s": wall,
         "user_cpu_s": usage.ru_utime,
