@@ -1,0 +1,314 @@
+"""Sliding-window inference: no seams, HR geometry, DWI input, folders and bad input."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from tiny_bundle import MEAN, STD, randomise_batch_norm, write_tiny_models
+
+from monai_iqt.data.normalise import NormalisationStats
+from monai_iqt.inference import (
+    WholeBrainInferer,
+    bundle_inference,
+    inference_region,
+    load_input,
+    load_network,
+    plan_windows,
+    run_inference,
+)
+from monai_iqt.networks import ESPCN_RN
+from preprocessing.io import InputError, save_nifti
+from preprocessing.synthetic import write_synthetic_subject
+
+REPO = Path(__file__).resolve().parents[1]
+INFERENCE_CONFIG = REPO / "bundles" / "iqt_espcn_rn" / "configs" / "inference.json"
+
+
+def random_tensors(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal(shape + (6,)) * np.asarray(STD) + np.asarray(MEAN)
+    return values.astype(np.float32)
+
+
+def relative_max_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+def oblique_affine() -> np.ndarray:
+    """2.5 mm LR voxels, rotated about z and shifted: geometry mistakes cannot cancel out."""
+    angle = np.deg2rad(20)
+    rotation = np.array(
+        [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
+    )
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([2.5, 2.5, 2.5])
+    affine[:3, 3] = [-31.0, 12.5, -7.25]
+    return affine
+
+
+# ------------------------------------------------------------------------- no seams
+
+
+@pytest.mark.parametrize(
+    ("num_blocks", "lr_shape", "roi"),
+    [(0, (23, 19, 17), 12), (1, (26, 21, 21), 24)],
+    ids=["ESPCN", "ESPCN-RN1"],
+)
+def test_stitched_windows_equal_one_whole_volume_pass(num_blocks, lr_shape, roi):
+    torch.manual_seed(num_blocks)
+    network = ESPCN_RN(num_blocks)
+    randomise_batch_norm(network)
+    inferer = WholeBrainInferer(network, NormalisationStats(MEAN, STD, MEAN, STD), 2, roi, 2, "cpu")
+    padded = tuple(s + 4 for s in lr_shape)
+    window, _ = plan_windows(padded, roi, network.halo)
+    assert any(p % w for p, w in zip(padded, window, strict=True)), "volume must not tile exactly"
+    dt = random_tensors(lr_shape)
+
+    stitched = inferer(dt)
+    whole = inferer.whole_volume(dt)
+
+    assert stitched.shape == (2 * lr_shape[0], 2 * lr_shape[1], 2 * lr_shape[2], 6)
+    assert inferer.last_predictor.windows_computed >= 8
+    assert relative_max_error(stitched, whole) < 1e-5
+
+
+def test_reversible_blocks_need_their_halo():
+    """Control: windows that ignore the reversible blocks' halo do leave seams."""
+    torch.manual_seed(1)
+    network = ESPCN_RN(1)
+    randomise_batch_norm(network)
+    inferer = WholeBrainInferer(network, NormalisationStats(MEAN, STD, MEAN, STD), 2, 12, 2, "cpu")
+    dt = random_tensors((22, 18, 16), seed=3)
+    whole = inferer.whole_volume(dt)
+    inferer.halo = 2  # pretend the network were a plain ESPCN
+    assert relative_max_error(inferer(dt), whole) > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("num_blocks", "shape", "roi", "radius"),
+    [(0, (30, 26, 22), 10, 0.6), (1, (28, 24, 22), 40, 0.35)],
+    ids=["ESPCN", "ESPCN-RN1"],
+)
+def test_windows_are_cropped_to_the_brain_and_output_is_masked(num_blocks, shape, roi, radius):
+    torch.manual_seed(2)
+    network = ESPCN_RN(num_blocks)
+    randomise_batch_norm(network)
+    inferer = WholeBrainInferer(network, NormalisationStats(MEAN, STD, MEAN, STD), 2, roi, 3, "cpu")
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    brain = sum((g / radius) ** 2 for g in grid) <= 1.0
+    dt = random_tensors(shape, seed=4) * brain[..., None]
+
+    stitched = inferer(dt, brain)
+    whole = inferer.whole_volume(dt, brain)
+
+    predictor = inferer.last_predictor
+    if num_blocks == 0:  # many windows, those outside the brain skipped
+        assert predictor.windows_computed >= 8 and predictor.windows_skipped > 0
+    # brain bounding boxes: fewer voxels than the windows MONAI handed over
+    assert predictor.voxels_computed < predictor.windows_computed * np.prod(
+        plan_windows([s + 4 for s in shape], roi, network.halo)[0]
+    )
+    brain_hr = np.repeat(np.repeat(np.repeat(brain, 2, 0), 2, 1), 2, 2)
+    assert np.all(stitched[~brain_hr] == 0)
+    assert np.all(np.any(stitched[brain_hr] != 0, axis=-1))
+    assert relative_max_error(stitched, whole) < 1e-5
+
+
+# ------------------------------------------------------------------------- bundle command
+
+
+@pytest.mark.slow
+def test_bundle_inference_writes_hr_tensor_and_maps_with_hr_geometry(tmp_path):
+    model_path, normalisation_path = write_tiny_models(tmp_path / "models", num_blocks=1)
+    lr_shape = (14, 12, 10)
+    affine = oblique_affine()
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in lr_shape], indexing="ij")
+    mask = sum((g / 0.8) ** 2 for g in grid) <= 1.0
+    dt_lr = random_tensors(lr_shape, seed=5) * mask[..., None]
+    save_nifti(tmp_path / "scan.nii.gz", dt_lr, affine, np.float32)
+    save_nifti(tmp_path / "scan_mask.nii.gz", mask, affine, np.uint8)
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "monai.bundle", "run", "inference",
+        "--config_file", str(INFERENCE_CONFIG),
+        "--input", str(tmp_path / "scan.nii.gz"), "--mask", str(tmp_path / "scan_mask.nii.gz"),
+        "--output_dir", str(out), "--model_path", str(model_path),
+        "--normalisation_path", str(normalisation_path), "--roi_size", "20",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    image = nib.load(out / "dt_hr.nii.gz")
+    assert image.shape == (28, 24, 20, 6)
+    np.testing.assert_allclose(image.header.get_zooms()[:3], (1.25, 1.25, 1.25), rtol=1e-6)
+    hr_affine = image.affine
+    # every LR voxel centre is the mean of its 2x2x2 HR block's centres
+    for lr_index in [(0, 0, 0), (13, 11, 9), (5, 7, 2)]:
+        block = [
+            hr_affine @ np.array([2 * lr_index[0] + a, 2 * lr_index[1] + b, 2 * lr_index[2] + c, 1])
+            for a in (0, 1)
+            for b in (0, 1)
+            for c in (0, 1)
+        ]
+        np.testing.assert_allclose(
+            np.mean(block, axis=0), affine @ np.array([*lr_index, 1.0]), atol=1e-9
+        )
+
+    # the prediction is one whole-volume pass of the bundle's network over the brain region
+    stats = NormalisationStats.load(normalisation_path)
+    network = load_network(model_path, stats, "cpu")
+    expected = WholeBrainInferer(network, stats, 2, 64, 1, "cpu").whole_volume(
+        dt_lr, inference_region(mask)
+    )
+    dt_hr = np.asarray(image.dataobj)
+    assert relative_max_error(dt_hr, expected) < 1e-5
+
+    # maps against an independent eigen-decomposition of the written tensor
+    brain = np.any(dt_hr != 0, axis=-1)
+    d = dt_hr[brain].astype(np.float64)
+    matrices = np.stack(
+        [d[:, [0, 1, 3]], d[:, [1, 2, 4]], d[:, [3, 4, 5]]], axis=1
+    )  # rows of the symmetric tensor in (Dxx, Dxy, Dyy, Dxz, Dyz, Dzz) order
+    evals, evecs = np.linalg.eigh(matrices)
+    md = np.asarray(nib.load(out / "md.nii.gz").dataobj)
+    fa = np.asarray(nib.load(out / "fa.nii.gz").dataobj)
+    rgb = np.asarray(nib.load(out / "colour_fa.nii.gz").dataobj)
+    assert md.shape == fa.shape == (28, 24, 20) and rgb.shape == (28, 24, 20, 3)
+    np.testing.assert_allclose(md[brain], (d[:, 0] + d[:, 2] + d[:, 5]) / 3, rtol=1e-4, atol=1e-9)
+    positive = np.all(evals > 0, axis=1)  # DIPY clips negative eigenvalues; compare the rest
+    mean = evals.mean(axis=1, keepdims=True)
+    fa_expected = np.sqrt(1.5 * ((evals - mean) ** 2).sum(1) / (evals**2).sum(1))
+    np.testing.assert_allclose(fa[brain][positive], fa_expected[positive], atol=1e-4)
+    principal = np.abs(evecs[:, :, -1])
+    rgb_expected = np.clip(fa_expected[:, None] * principal, 0, 1)
+    np.testing.assert_allclose(rgb[brain][positive], rgb_expected[positive], atol=1e-3)
+
+
+def test_bundle_entry_prints_one_sentence_and_exits_2(tmp_path, capsys):
+    save_nifti(tmp_path / "scan.nii.gz", np.zeros((8, 8, 8), np.float32), np.eye(4))
+    with pytest.raises(SystemExit) as raised:
+        bundle_inference(
+            input=tmp_path / "scan.nii.gz",
+            output_dir=tmp_path / "out",
+            model_path=tmp_path / "none.pt",
+            normalisation_path=tmp_path / "none.json",
+        )
+    assert raised.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: ") and "expected a 4D image" in stderr
+    assert stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------- inputs
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
+    return write_tiny_models(tmp_path_factory.mktemp("models"), num_blocks=0)
+
+
+def test_dwi_input_is_fitted_on_the_b1000_shell(tmp_path, tiny_models):
+    """A noise-free synthetic DWI: the fitted tensor matches the phantom's within 1%."""
+    subject = write_synthetic_subject(tmp_path / "hcp", "s0", seed=7, shape=(12, 14, 12), snr=None)
+    diffusion = subject / "T1w" / "Diffusion"
+    mask_path = diffusion / "nodif_brain_mask.nii.gz"
+    item = load_input(diffusion / "data.nii.gz", mask_path)  # bvals/bvecs found beside it
+    truth = np.asarray(nib.load(subject / "ground_truth" / "dt_hr.nii.gz").dataobj)
+    mask = np.asarray(nib.load(mask_path).dataobj) > 0
+    error = np.linalg.norm(item.dt_lr[mask] - truth[mask], axis=1)
+    assert np.all(error <= 0.01 * np.linalg.norm(truth[mask], axis=1))
+
+    written = run_inference(
+        diffusion / "data.nii.gz", tmp_path / "out", *tiny_models, mask=mask_path, device="cpu"
+    )
+    assert nib.load(written["data"]["dt_hr"]).shape == (24, 28, 24, 6)
+
+
+def test_folder_of_subjects(preprocessed_root, tmp_path, tiny_models):
+    written = run_inference(preprocessed_root, tmp_path / "out", *tiny_models, device="cpu")
+    assert sorted(written) == ["synth000", "synth001", "synth002"]
+    for name, paths in written.items():
+        assert paths["dt_hr"] == tmp_path / "out" / name / "dt_hr.nii.gz"
+        lr = nib.load(preprocessed_root / name / "dt_lr.nii.gz")
+        hr = nib.load(paths["dt_hr"])
+        assert hr.shape == tuple(2 * s for s in lr.shape[:3]) + (6,)
+        # outside the LR mask grown by one voxel, the output is background
+        region = inference_region(
+            np.asarray(nib.load(preprocessed_root / name / "mask_lr.nii.gz").dataobj)
+        )
+        outside = ~np.repeat(np.repeat(np.repeat(region, 2, 0), 2, 1), 2, 2)
+        assert np.all(np.asarray(hr.dataobj)[outside] == 0)
+
+
+def _bad_input_cases(tmp_path: Path) -> dict[str, tuple[dict, str]]:
+    good = random_tensors((10, 10, 10))
+    eye = np.eye(4) * 2.5
+    eye[3, 3] = 1
+    save_nifti(tmp_path / "three_d.nii.gz", good[..., 0], eye)
+    save_nifti(tmp_path / "five.nii.gz", good[..., :5], eye)
+    with_nan = good.copy()
+    with_nan[3, 4, 5, 2] = np.nan
+    save_nifti(tmp_path / "nan.nii.gz", with_nan, eye)
+    save_nifti(tmp_path / "good.nii.gz", good, eye)
+    save_nifti(tmp_path / "mask9.nii.gz", np.ones((9, 10, 10), np.uint8), eye)
+    dwi = np.abs(random_tensors((10, 10, 10)))[..., [0, 1, 2, 3, 4, 5, 0]]
+    save_nifti(tmp_path / "dwi.nii.gz", dwi, eye)
+    (tmp_path / "dwi.bval").write_text("0 1000 1000 1000 1000 1000 1000\n")
+    (tmp_path / "a_file").write_text("not a folder\n")
+    out = tmp_path / "out"
+    return {
+        "3D": ({"input": tmp_path / "three_d.nii.gz"}, "expected a 4D image"),
+        "5 channels": ({"input": tmp_path / "five.nii.gz"}, "not a 6-element tensor image"),
+        "NaN": ({"input": tmp_path / "nan.nii.gz"}, "contains 1 NaN"),
+        "mask shape": (
+            {"input": tmp_path / "good.nii.gz", "mask": tmp_path / "mask9.nii.gz"},
+            "has shape (9, 10, 10) but",
+        ),
+        "missing bvecs": (
+            {"input": tmp_path / "dwi.nii.gz", "bvals": tmp_path / "dwi.bval"},
+            "needs its bvecs",
+        ),
+        "unwritable output": (
+            {"input": tmp_path / "good.nii.gz", "output_dir": tmp_path / "a_file" / "out"},
+            "is not writable",
+        ),
+        "missing input": ({"input": tmp_path / "absent.nii.gz"}, "does not exist"),
+    } | {"_out": ({"output_dir": out}, "")}
+
+
+def test_bad_input_fails_with_one_sentence_before_loading_the_model(tmp_path):
+    cases = _bad_input_cases(tmp_path)
+    defaults = cases.pop("_out")[0]
+    for name, (arguments, expected) in cases.items():
+        kwargs = {
+            **defaults,
+            "model_path": tmp_path / "no_model.pt",  # never reached: inputs are checked first
+            "normalisation_path": tmp_path / "no_stats.json",
+            **arguments,
+        }
+        with pytest.raises(InputError) as raised:
+            run_inference(**kwargs)
+        message = str(raised.value)
+        assert expected in message, (name, message)
+        assert str(kwargs["input"].name) in message or name == "unwritable output", (name, message)
+        assert "\n" not in message
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_voxel_size_far_from_training_warns_naming_both(tmp_path, tiny_models, caplog):
+    affine = np.diag([1.25, 1.25, 1.25, 1.0])
+    save_nifti(tmp_path / "fine.nii.gz", random_tensors((9, 9, 9)), affine)
+    with caplog.at_level(logging.WARNING, logger="monai_iqt.inference"):
+        run_inference(tmp_path / "fine.nii.gz", tmp_path / "out", *tiny_models, device="cpu")
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "1.25x1.25x1.25 mm" in warning and "2.5x2.5x2.5 mm" in warning
+    assert os.path.isfile(tmp_path / "out" / "md.nii.gz")
