@@ -17,7 +17,22 @@ from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver, EarlyStopHandler
 
+from preprocessing.io import InputError
+
 log = logging.getLogger(__name__)
+
+
+def as_bool(value: bool | str | int) -> bool:
+    """A command-line flag as a bool: ``--memory_efficient false`` reaches the config as the
+    string ``"false"`` (fire only converts Python literals such as ``False``)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", "none", ""):
+        return False
+    raise InputError(f"expected true or false, got {value!r}.")
 
 
 class RMSELoss(torch.nn.Module):

@@ -30,7 +30,7 @@ from monai.utils import set_determinism
 
 from monai_iqt.data.patches import PatchData
 from monai_iqt.training.distributed import is_writer, rank, state_digest, world_size
-from monai_iqt.training.handlers import TrainingDiverged, TrainingHistory
+from monai_iqt.training.handlers import TrainingDiverged, TrainingHistory, as_bool
 from preprocessing.io import InputError, write_json
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ def train_with_restarts(
     """
     if int(num_restarts) < 1:
         raise InputError(f"num_restarts must be >= 1, got {num_restarts}.")
+    resume = as_bool(resume)
     parser = parser if parser is not None else _running_parser()
     patch_data: PatchData = _resolve(parser, data_id)
     runs_dir = Path(output_dir) / "runs"
