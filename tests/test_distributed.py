@@ -1,0 +1,63 @@
+"""Multi-process training through the bundle's multi_gpu_train.json: real torchrun, gloo on CPU."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from monai_iqt.networks import ESPCN_RN
+from monai_iqt.training import state_digest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundles" / "iqt_espcn_rn" / "configs"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_end_identical_and_only_rank0_writes(
+    preprocessed_root: Path, tmp_path: Path
+) -> None:
+    config_files = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "-m", "monai.bundle", "run", "training", "--config_file", config_files,
+        "--dataset_dir", str(preprocessed_root), "--output_dir", str(tmp_path / "out"),
+        "--patches_per_subject", "10", "--num_revnet_blocks", "1", "--batch_size", "2",
+        "--epochs", "2", "--num_restarts", "1", "--learning_rate", "0.001",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+
+    # Each rank logs the SHA-256 of its final parameters and buffers.
+    digests = dict(re.findall(r"rank (\d)/2 run 0: .* weights ([0-9a-f]{64})", output))
+    assert set(digests) == {"0", "1"}, output[-4000:]
+    assert digests["0"] == digests["1"], "ranks ended with different weights"
+
+    # The final weights rank 0 checkpointed are those both ranks reported.
+    out = tmp_path / "out"
+    last = torch.load(out / "runs" / "run_0" / "checkpoint_last.pt", weights_only=True)
+    network = ESPCN_RN(num_blocks=1)
+    network.load_state_dict(last["network"])
+    assert state_digest(network) == digests["0"]
+    # 2 ranks x batch 2 per rank: 24 training patches make 6 iterations per epoch, not 12.
+    assert last["trainer"]["epoch_length"] == 6
+
+    # Only rank 0 wrote: exactly its files (two ranks would leave two TensorBoard event files).
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    events = [p for p in written if "events.out.tfevents" in p]
+    assert len(events) == 1
+    assert [p for p in written if p not in events] == [
+        "models/model.pt",
+        "models/normalisation.json",
+        "runs/run_0/checkpoint_last.pt",
+        "runs/run_0/model_best.pt",
+        "runs/runs.json",
+    ]
+    assert "rank 1 of 2 on cpu (gloo)" in output
