@@ -25,7 +25,7 @@ def lr_affine_from_hr(hr_affine: np.ndarray, factor: int) -> np.ndarray:
 
 
 def hr_affine_from_lr(lr_affine: np.ndarray, factor: int) -> np.ndarray:
-    """Inverse of :func:`lr_affine_from_hr`: the HR grid whose r^3 blocks average to the LR voxels."""
+    """Inverse of :func:`lr_affine_from_hr`: the HR grid whose r^3 blocks average to LR voxels."""
     return np.asarray(lr_affine, dtype=np.float64) @ np.linalg.inv(lr_to_hr_index_matrix(factor))
 
 

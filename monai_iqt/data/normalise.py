@@ -32,8 +32,11 @@ class NormalisationStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_samples(cls, inputs: torch.Tensor, targets: torch.Tensor, **extra: Any) -> NormalisationStats:
+    def from_samples(
+        cls, inputs: torch.Tensor, targets: torch.Tensor, **extra: Any
+    ) -> NormalisationStats:
         """Statistics of channel-first batches ``(B, C, X, Y, Z)`` of inputs and targets."""
+
         def moments(batch: torch.Tensor) -> tuple[list[float], list[float]]:
             values = batch.double().transpose(0, 1).reshape(batch.shape[1], -1)
             std = values.std(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
