@@ -3,8 +3,8 @@
 Each preprocessed subject (``dt_lr``, ``dt_hr``, ``mask_hr`` and ``preprocessing.json`` written
 by ``python -m preprocessing hcp``) is read from disk once into a MONAI ``CacheDataset``; the
 patch pairs are then cropped from those in-memory volumes, so nothing is re-read per epoch and
-the cache holds only the two tensor volumes of each subject (float32, about 100 MB for an
-HCP-size subject) instead of every overlapping patch (about 220 MB at 2250 patches).
+the cache holds only the two tensor volumes and the HR mask of each subject (float32/bool, about
+101 MB for an HCP-size subject) instead of every overlapping patch (220 MB at 2250 patches).
 
 Geometry: an LR patch of ``n`` voxels starting at LR index ``s`` gives, through the network's
 valid convolutions, LR output voxels ``s + 2 .. s + n - 3``, i.e. the HR block of
@@ -290,7 +290,7 @@ def build_patch_data(
     raw = ExtractPatchPair(volumes, int(lr_patch_size))
     stats = patch_statistics(raw, train)
     normalised = ExtractPatchPair(volumes, int(lr_patch_size), stats)
-    cache_bytes = sum(v["dt_lr"].nbytes + v["dt_hr"].nbytes for v in volumes)
+    cache_bytes = sum(v["dt_lr"].nbytes + v["dt_hr"].nbytes + v["mask_hr"].nbytes for v in volumes)
     log.info(
         "patch data: %d subjects, %d training and %d validation patches (LR %d^3 -> HR %d^3), "
         "%.1f MB of volumes cached",
