@@ -109,9 +109,15 @@ class HaloWeightedPredictor:
     """
 
     def __init__(
-        self, network: torch.nn.Module, halo: int, padded_shape: Sequence[int], upscale_factor: int
+        self,
+        network: torch.nn.Module,
+        halo: int,
+        padded_shape: Sequence[int],
+        upscale_factor: int,
+        output_transform=None,
     ) -> None:
         self.network = network
+        self.output_transform = output_transform or (lambda y: y)
         self.halo = halo
         self.padded_shape = tuple(padded_shape)
         self.upscale_factor = upscale_factor
@@ -138,12 +144,13 @@ class HaloWeightedPredictor:
             self._exact_range(0, w.stop - w.start, w, size)
             for w, size in zip(window, self.padded_shape, strict=True)
         ]
-        inside = brain[tuple(slice(low, high) for low, high in spans)]
-        if not bool(inside.any()):
+        inside = brain[tuple(slice(low, high) for low, high in spans)] > 0
+        profiles = [inside.any(dim=d).any(dim=e) for d, e in ((2, 1), (2, 0), (1, 0))]
+        if not bool(profiles[0].any()):
             return None
-        found = torch.nonzero(inside)
-        first = (found.min(dim=0).values).tolist()
-        last = (found.max(dim=0).values + 1).tolist()
+        occupied = [torch.nonzero(p)[:, 0] for p in profiles]
+        first = [int(o[0]) for o in occupied]
+        last = [int(o[-1]) + 1 for o in occupied]
         return tuple(
             slice(max(0, low + a - self.halo), min(w.stop - w.start, low + b + self.halo))
             for (low, _), a, b, w in zip(spans, first, last, window, strict=True)
@@ -162,7 +169,7 @@ class HaloWeightedPredictor:
             groups.setdefault(tuple(c.stop - c.start for c in crop), []).append((b, crop))
         for crop_shape, members in groups.items():
             inputs = torch.stack([windows[(b, slice(0, 6), *crop)] for b, crop in members])
-            prediction = self.network(inputs)
+            prediction = self.output_transform(self.network(inputs))
             self.windows_computed += len(members)
             self.voxels_computed += len(members) * math.prod(crop_shape)
             for index, (b, crop) in enumerate(members):
@@ -187,7 +194,8 @@ class WholeBrainInferer:
         stats: normalisation statistics saved with the weights.
         upscale_factor: r, as in training.
         roi_size: largest window in LR voxels (int or 3 ints; <= 0 means the whole axis).
-        sw_batch_size: windows per network call.
+        sw_batch_size: windows MONAI hands over at once; their brain crops of equal shape
+            share one network call (whole-brain windows on a GPU).
         device: where the network runs (CUDA when present by default); the volume stays on CPU.
     """
 
@@ -221,11 +229,11 @@ class WholeBrainInferer:
         dt = self.stats.normalise_input(torch.nn.functional.pad(dt, pad))
         return torch.cat([dt, torch.nn.functional.pad(brain, pad)], dim=1)
 
-    def _finish(self, hr_normalised: torch.Tensor, brain_lr: np.ndarray) -> np.ndarray:
-        hr = self.stats.denormalise_output(hr_normalised)[0].float().cpu().numpy()
-        hr = np.moveaxis(hr, 0, -1)
-        hr[~upsample_nearest(np.asarray(brain_lr, dtype=bool), self.upscale_factor)] = 0.0
-        return hr.astype(np.float32)
+    def _finish(self, hr: torch.Tensor, brain_lr: np.ndarray) -> np.ndarray:
+        """(1, 6, rX, rY, rZ) in mm^2/s -> (rX, rY, rZ, 6) float32, zero outside the brain."""
+        brain_hr = torch.from_numpy(upsample_nearest(np.asarray(brain_lr), self.upscale_factor))
+        hr = hr[0].float().cpu() * brain_hr.to(torch.float32)
+        return np.moveaxis(hr.numpy(), 0, -1)
 
     @torch.no_grad()
     def __call__(self, dt_lr: np.ndarray, brain_lr: np.ndarray | None = None) -> np.ndarray:
@@ -237,7 +245,11 @@ class WholeBrainInferer:
         padded = self._padded_input(dt_lr, brain_lr)
         roi, overlap = plan_windows(padded.shape[2:], self.roi_size, self.halo)
         predictor = HaloWeightedPredictor(
-            self.network, self.halo, padded.shape[2:], self.upscale_factor
+            self.network,
+            self.halo,
+            padded.shape[2:],
+            self.upscale_factor,
+            output_transform=self.stats.denormalise_output,
         )
         self.last_predictor = predictor
         summed = sliding_window_inference(
@@ -254,19 +266,19 @@ class WholeBrainInferer:
         r = self.upscale_factor
         crop = (slice(None), slice(None)) + (slice(r * VALID_SHRINK, -r * VALID_SHRINK),) * 3
         summed = summed[crop]
-        weight = summed[:, 6:7]
-        hr_normalised = torch.where(weight > 0, summed[:, :6] / weight.clamp_min(1e-12), 0.0)
+        # weighted mean of exact predictions; no weight means no brain nearby, hence 0
+        hr = summed[:, :6] / summed[:, 6:7].clamp_min(1e-12)
         log.debug(
             "windows computed %d, skipped %d", predictor.windows_computed, predictor.windows_skipped
         )
-        return self._finish(hr_normalised, brain_lr)
+        return self._finish(hr, brain_lr)
 
     @torch.no_grad()
     def whole_volume(self, dt_lr: np.ndarray, brain_lr: np.ndarray | None = None) -> np.ndarray:
         """One pass of the network over the whole padded volume (the reference for the windows)."""
         brain_lr = _brain_or_nonzero(dt_lr, brain_lr)
         padded = self._padded_input(dt_lr, brain_lr)[:, :6].to(self.device)
-        return self._finish(self.network(padded).cpu(), brain_lr)
+        return self._finish(self.stats.denormalise_output(self.network(padded)).cpu(), brain_lr)
 
 
 def _brain_or_nonzero(dt_lr: np.ndarray, brain_lr: np.ndarray | None) -> np.ndarray:
@@ -309,6 +321,22 @@ def load_network(
     return network.to(device if device is not None else default_device()).eval()
 
 
+def bundle_window(roi_size: Sequence[int] | int, halo: int) -> tuple[int, ...]:
+    """Windows of at least ``4 * halo`` LR voxels, so at least half of each axis is kept.
+
+    ESPCN-RN-N discards ``2 + 6 N`` voxels on each inner side of a window (N = 4: 26), so a
+    64^3 window would be mostly halo; the bundle then enlarges the window (one whole-volume
+    window for an HCP-size ESPCN-RN4 input) and says so.
+    """
+    sizes = (roi_size,) * 3 if isinstance(roi_size, int) else tuple(int(s) for s in roi_size)
+    enlarged = tuple(s if s <= 0 else max(s, 4 * halo) for s in sizes)
+    if enlarged != sizes:
+        log.info(
+            "windows enlarged from %s to %s LR voxels (network halo %d)", sizes, enlarged, halo
+        )
+    return enlarged
+
+
 def make_inferer(
     model_path: str | os.PathLike,
     normalisation_path: str | os.PathLike,
@@ -324,6 +352,7 @@ def make_inferer(
         )
     stats = NormalisationStats.load(normalisation_path)
     network = load_network(model_path, stats, device)
+    roi_size = bundle_window(roi_size, network_halo(network))
     return WholeBrainInferer(
         network,
         stats,

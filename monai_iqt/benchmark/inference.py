@@ -1,4 +1,4 @@
-"""Benchmark whole-brain inference: sliding windows vs one whole-volume pass vs 11^3 patch stitching.
+"""Benchmark whole-brain inference: sliding windows, one whole-volume pass, 11^3 patch stitching.
 
 ``python -m monai_iqt.benchmark inference [--shape 72 87 72] [--num-blocks 0] [--roi-size 64]
 [--repeats 3] [--device cpu|cuda]`` builds an HCP-size LR tensor volume with an ellipsoidal
@@ -28,7 +28,7 @@ METHODS = ("whole_volume", "sliding_window", "patches_11")
 
 
 def brain_volume(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """LR tensor volume (X, Y, Z, 6) in mm^2/s with an ellipsoidal brain filling most of the FOV."""
+    """LR tensor volume (X, Y, Z, 6) in mm^2/s with an ellipsoidal brain (about 1/3 of the FOV)."""
     rng = np.random.default_rng(seed)
     axes = [np.linspace(-1, 1, n) for n in shape]
     x, y, z = np.meshgrid(*axes, indexing="ij")
@@ -40,42 +40,43 @@ def brain_volume(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray
     return dt, brain
 
 
-def make_inferer(num_blocks: int, roi_size: int, sw_batch_size: int, device: str):
+def make_inferer(
+    num_blocks: int, roi_size: int, sw_batch_size: int, device: str
+) -> WholeBrainInferer:
+    """An untrained network (speed does not depend on the weights) with plausible statistics."""
     torch.manual_seed(0)
-    network = ESPCN_RN(num_blocks)
-    stats = NormalisationStats(
-        [2e-4, 0, 2e-4, 0, 0, 2e-4], [3e-4] * 6, [2e-4, 0, 2e-4, 0, 0, 2e-4], [3e-4] * 6
-    )
-    return WholeBrainInferer(network, stats, 2, roi_size, sw_batch_size, device)
+    mean, std = [2e-4, 0, 2e-4, 0, 0, 2e-4], [3e-4] * 6
+    stats = NormalisationStats(mean, std, mean, std)
+    return WholeBrainInferer(ESPCN_RN(num_blocks), stats, 2, roi_size, sw_batch_size, device)
 
 
 @torch.no_grad()
 def stitch_patches(
     inferer: WholeBrainInferer, dt_lr: np.ndarray, brain: np.ndarray, size: int = 11
 ) -> np.ndarray:
-    """The paper's patch regression: 11^3 LR patches one by one, each giving (size-4)^3 LR outputs."""
-    r, out = inferer.upscale_factor, size - 2 * VALID_SHRINK
-    padded = inferer._padded_input(dt_lr, brain)  # (1, 7, X+4, Y+4, Z+4), brain in channel 6
+    """The paper's patch regression: LR patches of ``size``^3 one at a time, each giving the
+    (size - 4)^3 LR voxels of its valid output; patches whose output has no brain are skipped."""
+    r, step = inferer.upscale_factor, size - 2 * VALID_SHRINK
     shape = dt_lr.shape[:3]
-    # pad the far side so every tile is complete (background, no brain)
-    extra = [(-s) % out for s in shape]
-    padded = torch.nn.functional.pad(padded, (0, extra[2], 0, extra[1], 0, extra[0]))
-    background = inferer.stats.normalise_input(torch.zeros(1, 6, 1, 1, 1, dtype=padded.dtype))
-    tail = torch.ones_like(padded[:, :1])
-    tail[:, :, : shape[0] + 4, : shape[1] + 4, : shape[2] + 4] = 0
-    padded[:, :6] = padded[:, :6] * (1 - tail) + background * tail
-    hr = torch.zeros((1, 6, *(r * (s + e) for s, e in zip(shape, extra, strict=True))))
-    device = inferer.device
-    for i in range(0, shape[0], out):
-        for j in range(0, shape[1], out):
-            for k in range(0, shape[2], out):
-                patch = padded[:, :, i : i + size, j : j + size, k : k + size]
-                if not patch[0, 6, 2:-2, 2:-2, 2:-2].any():
-                    continue
-                y = inferer.network(patch[:, :6].to(device)).cpu()
-                hr[:, :, r * i : r * (i + out), r * j : r * (j + out), r * k : r * (k + out)] = y
+    tiles = [-(-s // step) for s in shape]
+    extra = [n * step - s for n, s in zip(tiles, shape, strict=True)]
+    # background beyond the field of view, also on the far side so that every tile is complete
+    dt = np.pad(dt_lr, [(VALID_SHRINK, VALID_SHRINK + e) for e in extra] + [(0, 0)])
+    brain = np.pad(brain, [(VALID_SHRINK, VALID_SHRINK + e) for e in extra])
+    volume = inferer.stats.normalise_input(torch.from_numpy(np.moveaxis(dt, -1, 0)[None]))
+    hr = torch.zeros((1, 6, *(r * n * step for n in tiles)))
+    for i, j, k in np.ndindex(*tiles):
+        x, y, z = i * step, j * step, k * step
+        core = (slice(x + 2, x + 2 + step), slice(y + 2, y + 2 + step), slice(z + 2, z + 2 + step))
+        if not brain[core].any():
+            continue
+        patch = volume[:, :, x : x + size, y : y + size, z : z + size].to(inferer.device)
+        prediction = inferer.stats.denormalise_output(inferer.network(patch)).cpu()
+        hr[:, :, r * x : r * (x + step), r * y : r * (y + step), r * z : r * (z + step)] = (
+            prediction
+        )
     hr = hr[:, :, : r * shape[0], : r * shape[1], : r * shape[2]]
-    return inferer._finish(hr, brain)
+    return inferer._finish(hr, brain[2 : 2 + shape[0], 2 : 2 + shape[1], 2 : 2 + shape[2]])
 
 
 def run_method(
@@ -92,28 +93,46 @@ def run_method(
 
 
 def peak_rss_mb() -> float:
+    """Peak RSS of this process (VmHWM; ru_maxrss would keep the forking parent's peak)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def main(argv: list[str] | None = None) -> int:
+def fresh_process_rss(name: str, args: argparse.Namespace) -> float:
+    """Peak RSS of one run of ``name`` in a new interpreter (imports included)."""
+    command = [
+        sys.executable, "-m", "monai_iqt.benchmark", "inference", "--only", name,
+        "--shape", *map(str, args.shape), "--num-blocks", str(args.num_blocks),
+        "--roi-size", str(args.roi_size), "--sw-batch-size", str(args.sw_batch_size),
+        "--device", args.device,
+    ]  # fmt: skip
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m monai_iqt.benchmark inference", description=__doc__
     )
-    parser.add_argument(
-        "--shape", type=int, nargs=3, default=(72, 87, 72), help="LR volume (HCP: 72 87 72)"
-    )
+    parser.add_argument("--shape", type=int, nargs=3, default=(72, 87, 72), help="LR volume")
     parser.add_argument("--num-blocks", type=int, default=0, help="N of ESPCN-RN-N (0: ESPCN)")
-    parser.add_argument(
-        "--roi-size", type=int, default=64, help="largest sliding window (LR voxels)"
-    )
+    parser.add_argument("--roi-size", type=int, default=64, help="largest window (LR voxels)")
     parser.add_argument("--sw-batch-size", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--only", choices=METHODS, help="run one method once and print its peak RSS (JSON)"
-    )
+    parser.add_argument("--only", choices=METHODS, help="run one method once, print peak RSS")
     parser.add_argument("--no-rss", action="store_true", help="skip the fresh-process RSS runs")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     shape = tuple(args.shape)
     dt, brain = brain_volume(shape)
     inferer = make_inferer(args.num_blocks, args.roi_size, args.sw_batch_size, args.device)
@@ -126,33 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, np.ndarray] = {}
     run_method("sliding_window", inferer, dt, brain)  # warm-up (allocator, oneDNN kernels)
     for round_index in range(args.repeats):
-        order = METHODS if round_index % 2 == 0 else METHODS[::-1]
-        for name in order:
+        for name in METHODS if round_index % 2 == 0 else METHODS[::-1]:
             seconds, results[name] = run_method(name, inferer, dt, brain)
             times[name].append(seconds)
-    rss = {}
-    if not args.no_rss:
-        for name in METHODS:
-            command = [
-                sys.executable,
-                "-m",
-                "monai_iqt.benchmark",
-                "inference",
-                "--only",
-                name,
-                "--shape",
-                *map(str, shape),
-                "--num-blocks",
-                str(args.num_blocks),
-                "--roi-size",
-                str(args.roi_size),
-                "--sw-batch-size",
-                str(args.sw_batch_size),
-                "--device",
-                args.device,
-            ]
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            rss[name] = json.loads(output.strip().splitlines()[-1])["peak_rss_mb"]
+    rss = {} if args.no_rss else {name: fresh_process_rss(name, args) for name in METHODS}
 
     median = {name: statistics.median(values) for name, values in times.items()}
     reference = results["whole_volume"]
@@ -161,14 +157,17 @@ def main(argv: list[str] | None = None) -> int:
     hr_voxels = lr_voxels * inferer.upscale_factor**3
     predictor = inferer.last_predictor
     label = "ESPCN" if args.num_blocks == 0 else f"ESPCN-RN{args.num_blocks}"
+    size = "x".join(map(str, shape))
     print(
-        f"# inference benchmark: {label}, LR volume {'x'.join(map(str, shape))}x6 -> HR "
-        f"{'x'.join(str(2 * s) for s in shape)}x6, brain {brain.mean():.0%} of the FOV, "
-        f"device {args.device}, torch threads {torch.get_num_threads()}, {args.repeats} alternating rounds"
+        f"# {label}, LR {size}x6 -> HR {'x'.join(str(2 * s) for s in shape)}x6, brain "
+        f"{brain.mean():.0%} of the FOV, device {args.device}, torch threads "
+        f"{torch.get_num_threads()}, {args.repeats} alternating rounds"
     )
     print(
-        f"# sliding window: max {args.roi_size}^3 LR voxels, sw_batch_size {args.sw_batch_size}, "
-        f"{predictor.windows_computed} windows computed, {predictor.windows_skipped} skipped (no brain)"
+        f"# sliding window: windows <= {args.roi_size}^3 LR voxels, sw_batch_size "
+        f"{args.sw_batch_size}, {predictor.windows_computed} windows computed, "
+        f"{predictor.windows_skipped} skipped (no brain), {predictor.voxels_computed} LR voxels "
+        f"through the network (whole volume: {np.prod([s + 4 for s in shape])})"
     )
     print(
         f"{'method':<16} {'median s':>9} {'min s':>8} {'LR vox/s':>10} {'HR vox/s':>10} "
@@ -178,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         difference = float(np.abs(results[name] - reference).max()) / scale
         rss_text = f"{rss[name]:12.0f}" if name in rss else f"{'-':>12}"
         print(
-            f"{name:<16} {median[name]:9.2f} {min(times[name]):8.2f} {lr_voxels / median[name]:10.3g} "
-            f"{hr_voxels / median[name]:10.3g} {difference:13.2e} {rss_text}"
+            f"{name:<16} {median[name]:9.2f} {min(times[name]):8.2f} "
+            f"{lr_voxels / median[name]:10.3g} {hr_voxels / median[name]:10.3g} "
+            f"{difference:13.2e} {rss_text}"
         )
     sliding_over_whole = median["sliding_window"] / median["whole_volume"]
     patches_over_sliding = median["patches_11"] / median["sliding_window"]
