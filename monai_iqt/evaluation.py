@@ -347,15 +347,26 @@ def bundle_evaluate(
 ) -> EvaluationResult:
     """The bundle's ``evaluation``: load the model, :func:`evaluate`, print the table.
 
-    Bad input (missing data, weights or subjects) prints one sentence and exits with code 2.
+    Without ``subjects``, the subjects the model was trained on (``training_subjects`` in its
+    normalisation statistics) are left out: the table is about held-out subjects. Bad input
+    (missing data, weights or subjects) prints one sentence and exits with code 2.
     ``model_path=None`` evaluates the interpolation baselines only.
     """
     try:
-        find_subjects(dataset_dir, kwargs.get("subjects"))  # fail on missing data before loading
+        folders = find_subjects(dataset_dir, kwargs.get("subjects"))  # before loading anything
         inferers = {}
         if model_path is not None:
             inferer = make_inferer(model_path, normalisation_path, roi_size, sw_batch_size, device)
             inferers[model_label(inferer.stats.extra.get("num_blocks", 0))] = inferer
+            trained = set(inferer.stats.extra.get("training_subjects") or [])
+            if not kwargs.get("subjects") and trained:
+                kwargs["subjects"] = [f.name for f in folders if f.name not in trained]
+                if not kwargs["subjects"]:
+                    raise InputError(
+                        f"every subject in {dataset_dir} was used to train the model; pass "
+                        "--subjects to evaluate training subjects anyway"
+                    )
+                log.info("held-out subjects: %s", ", ".join(kwargs["subjects"]))
         result = evaluate(dataset_dir, output_dir, inferers, **kwargs)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)

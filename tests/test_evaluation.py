@@ -136,6 +136,26 @@ def test_bad_evaluation_input_is_one_sentence(hand_dataset, tmp_path, capsys):
     assert not (tmp_path / "eval").exists()
 
 
+def test_bundle_evaluation_leaves_out_training_subjects(hand_dataset, tmp_path, capsys):
+    root, _ = hand_dataset
+    model_path, normalisation_path = write_tiny_models(
+        tmp_path / "models", num_blocks=0, training_subjects=["hand0", "hand2"]
+    )
+    result = bundle_evaluate(
+        dataset_dir=root, output_dir=tmp_path / "eval", model_path=model_path,
+        normalisation_path=normalisation_path, device="cpu",
+    )  # fmt: skip
+    assert {row["subject"] for row in result.rows} == {"hand1"}
+    assert "| ESPCN | 1 |" in capsys.readouterr().out
+    everything = write_tiny_models(tmp_path / "all", training_subjects=list(SUBJECTS))
+    with pytest.raises(SystemExit):
+        bundle_evaluate(
+            dataset_dir=root, output_dir=tmp_path / "eval2", model_path=everything[0],
+            normalisation_path=everything[1], device="cpu",
+        )  # fmt: skip
+    assert "was used to train the model" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_bundle_evaluation_on_preprocessed_subjects(preprocessed_root, tmp_path):
     model_path, normalisation_path = write_tiny_models(tmp_path / "models", num_blocks=1)

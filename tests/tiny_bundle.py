@@ -30,7 +30,9 @@ def randomise_batch_norm(network: torch.nn.Module, seed: int = 0) -> None:
             module.bias.data.copy_(torch.rand(n, generator=generator) * 0.4 - 0.2)
 
 
-def write_tiny_models(folder: Path, num_blocks: int = 0, seed: int = 0) -> tuple[Path, Path]:
+def write_tiny_models(
+    folder: Path, num_blocks: int = 0, seed: int = 0, **extra
+) -> tuple[Path, Path]:
     """``folder/model.pt`` and ``folder/normalisation.json`` for an untrained ESPCN_RN."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -48,6 +50,7 @@ def write_tiny_models(folder: Path, num_blocks: int = 0, seed: int = 0) -> tuple
             "num_blocks": num_blocks,
             "lr_patch_size": 11,
             "lr_voxel_size_mm": [2.5, 2.5, 2.5],
+            **extra,
         },
     )
     normalisation_path = stats.save(folder / "normalisation.json")
