@@ -77,6 +77,8 @@ def find_subjects(
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
         raise InputError(f"dataset folder {dataset_dir} does not exist: {_PREPROCESS_HINT}")
+    if isinstance(subjects, str | int):  # "--subjects 100307" on the command line
+        subjects = [str(subjects)]
     if subjects:
         folders = [dataset_dir / str(name) for name in subjects]
         for folder in folders:
