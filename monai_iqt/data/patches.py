@@ -40,7 +40,7 @@ RECORD_NAME = "preprocessing.json"
 VOLUME_NAMES = ("dt_lr.nii.gz", "dt_hr.nii.gz", "mask_hr.nii.gz")
 #: Where the demo's preprocessed subjects come from (quoted when ``dataset_dir`` is missing).
 MAKE_DEMO_DATA = (
-    "python -m preprocessing synthetic --out demo/raw --subjects 4 --seed 0 && "
+    "python -m preprocessing synthetic --out demo/raw --subjects 6 --seed 0 && "
     "python -m preprocessing hcp --hcp-root demo/raw --out demo/preprocessed"
 )
 
