@@ -1,0 +1,405 @@
+"""Memory and time of one training step: ESPCN vs ESPCN-RN-N, plain vs memory-efficient (Fig. 6).
+
+``python -m monai_iqt.benchmark memory [--device cpu|cuda] [--json FILE] [--quick]``
+
+Prints the paper's Fig. 6 table (ESPCN, ESPCN-RN4, ESPCN-RN4-Naive; 11^3 LR patches, batch 12,
+one Adam step) and a depth sweep N in {0, 1, 2, 4, 8, 16, 32} in both modes, then the ratios
+against the targets of the project's issue.
+
+Memory:
+- *saved*: peak bytes held by autograd over forward and backward, counted with
+  ``torch.autograd.graph.saved_tensors_hooks`` over unique storages, parameters excluded (they
+  are the model, not activations). This is the figure the reversible engine changes.
+- *RSS*: peak resident set size of a fresh subprocess per configuration that builds the model
+  and runs warm-up + measured steps, with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors go
+  back to the OS and RSS follows live tensors. It is printed as the step's peak RSS above the
+  RSS before the first step; it includes gradients, Adam state and the CPU convolution scratch
+  buffers (oneDNN), which are the same in both modes and dominate at small depth.
+- on CUDA also ``torch.cuda.max_memory_allocated`` over one step.
+
+Time: median and min of several steps after warm-up, all configurations of a row group measured
+alternately in one run (the machine is shared; absolute times are noisy, ratios are not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from monai_iqt.networks import ESPCN_RN
+from monai_iqt.networks.espcn import HIDDEN_CHANNELS
+
+PATCH = 11
+BATCH = 12
+DEPTHS = (0, 1, 2, 4, 8, 16, 32)
+QUICK_DEPTHS = (0, 2, 4, 8)
+MB = 1e6
+
+TARGET_MEMORY_RATIO_N4 = 0.20
+TARGET_FLATNESS_N32_VS_N2 = 1.10
+TARGET_TIME_RATIO_N8 = 1.35
+
+
+class SavedTensorTracker:
+    """Counts bytes of unique storages held by autograd's saved tensors, live and peak.
+
+    Use as a context manager around forward and backward. Storages in ``exclude`` (e.g. the
+    parameters) are not counted. Tensors saved while building graphs inside a backward pass
+    are seen as well (the hooks are thread-local state that autograd carries into backward).
+    """
+
+    def __init__(self, exclude: set[int] | None = None) -> None:
+        self.exclude = exclude or set()
+        self._refs: dict[int, list[int]] = {}  # storage pointer -> [nbytes, holders]
+        self.current = 0
+        self.peak = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, tensor: torch.Tensor) -> object:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in self.exclude or storage.nbytes() == 0:
+            return tensor
+        entry = self._refs.get(key)
+        if entry is None:
+            entry = self._refs[key] = [storage.nbytes(), 0]
+            self.current += entry[0]
+            self.peak = max(self.peak, self.current)
+        entry[1] += 1
+        return _Held(self, key, tensor)
+
+    @staticmethod
+    def _unpack(packed: object) -> torch.Tensor:
+        return packed.tensor if isinstance(packed, _Held) else packed
+
+    def _release(self, key: int) -> None:
+        entry = self._refs[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self._refs[key]
+
+    def __enter__(self) -> SavedTensorTracker:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+
+class _Held:
+    __slots__ = ("tracker", "key", "tensor")
+
+    def __init__(self, tracker: SavedTensorTracker, key: int, tensor: torch.Tensor) -> None:
+        self.tracker, self.key, self.tensor = tracker, key, tensor
+
+    def __del__(self) -> None:
+        self.tracker._release(self.key)
+
+
+def parameter_storages(model: nn.Module) -> set[int]:
+    return {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+
+@dataclass
+class Config:
+    name: str
+    num_blocks: int
+    memory_efficient: bool
+
+
+@dataclass
+class Result:
+    name: str
+    num_blocks: int
+    memory_efficient: bool
+    saved_peak_mb: float = 0.0
+    saved_end_of_forward_mb: float = 0.0
+    rss_step_mb: float | None = None
+    cuda_peak_mb: float | None = None
+    times_s: list[float] = field(default_factory=list)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s) if self.times_s else float("nan")
+
+    @property
+    def min_s(self) -> float:
+        return min(self.times_s) if self.times_s else float("nan")
+
+
+def make_batch(
+    device: torch.device, batch: int = BATCH, patch: int = PATCH, upscale_factor: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    out = (patch - 4) * upscale_factor
+    x = torch.randn(batch, 6, patch, patch, patch, generator=generator)
+    y = torch.randn(batch, 6, out, out, out, generator=generator)
+    return x.to(device), y.to(device)
+
+
+def build(config: Config, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = ESPCN_RN(config.num_blocks, memory_efficient=config.memory_efficient).to(device)
+    model.train()
+    return model, torch.optim.Adam(model.parameters(), lr=1e-4)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    after_forward: Callable[[], None] | None = None,
+) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss = nn.functional.mse_loss(model(x), y)
+    if after_forward is not None:
+        after_forward()
+    loss.backward()
+    optimizer.step()
+
+
+def measure_saved(model: nn.Module, optimizer, x, y) -> tuple[float, float]:
+    """(peak, end-of-forward) MB held by autograd's saved tensors over one training step."""
+    tracker = SavedTensorTracker(exclude=parameter_storages(model))
+    end_of_forward = []
+    with tracker:
+        train_step(model, optimizer, x, y, lambda: end_of_forward.append(tracker.current))
+    return tracker.peak / MB, end_of_forward[0] / MB
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_alternating(
+    runs: list[tuple[Result, nn.Module, torch.optim.Optimizer]],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    warmup: int,
+) -> None:
+    """Time one step of each model in turn, ``steps`` rounds after ``warmup`` rounds."""
+    device = x.device
+    for round_index in range(warmup + steps):
+        for result, model, optimizer in runs:
+            _sync(device)
+            start = time.perf_counter()
+            train_step(model, optimizer, x, y)
+            _sync(device)
+            if round_index >= warmup:
+                result.times_s.append(time.perf_counter() - start)
+
+
+def rss_child(num_blocks: int, memory_efficient: bool, steps: int) -> float:
+    """In this (fresh) process: peak RSS of training steps above the RSS before them, in MB."""
+    device = torch.device("cpu")
+    model, optimizer = build(Config("", num_blocks, memory_efficient), device)
+    x, y = make_batch(device)
+    before = _rss_bytes("VmRSS")
+    _reset_peak_rss()
+    for _ in range(steps):
+        train_step(model, optimizer, x, y)
+    return (_rss_bytes("VmHWM") - before) / MB
+
+
+def _rss_bytes(field_name: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field_name} not found in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
+def measure_rss(config: Config, steps: int = 2) -> float | None:
+    """Peak step RSS (MB) of a fresh process, or None where /proc is unavailable."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    code = (
+        "import torch, sys; torch.set_num_threads(2);"
+        "from monai_iqt.benchmark.memory import rss_child;"
+        f"print(rss_child({config.num_blocks}, {config.memory_efficient}, {steps}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+@contextmanager
+def _cuda_peak(result: Result, device: torch.device) -> Iterator[None]:
+    if device.type != "cuda":
+        yield
+        return
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    yield
+    torch.cuda.synchronize(device)
+    result.cuda_peak_mb = (torch.cuda.max_memory_allocated(device) - before) / MB
+
+
+def run_group(
+    configs: list[Config], device: torch.device, steps: int, warmup: int, rss: bool
+) -> list[Result]:
+    """Memory of each configuration, then alternating times of all of them."""
+    x, y = make_batch(device)
+    runs = []
+    for config in configs:
+        result = Result(config.name, config.num_blocks, config.memory_efficient)
+        model, optimizer = build(config, device)
+        train_step(model, optimizer, x, y)  # lazy initialisation (Adam state, oneDNN)
+        with _cuda_peak(result, device):
+            result.saved_peak_mb, result.saved_end_of_forward_mb = measure_saved(
+                model, optimizer, x, y
+            )
+        if rss and device.type == "cpu":
+            result.rss_step_mb = measure_rss(config)
+        runs.append((result, model, optimizer))
+    time_alternating(runs, x, y, steps=steps, warmup=warmup)
+    return [result for result, _, _ in runs]
+
+
+def rebuilt_graph_mb(channels: int, spatial: int, batch: int = BATCH, bytes_per: int = 4) -> float:
+    """Analytic bytes held by the largest graph the engine rebuilds at once: one F (or G) of a
+    block of ``channels``, with its rebuilt input. Saved per F: its input (C/2), ReLU outputs
+    (C/2 + 2 h) and convolution outputs read by BatchNorm (2 h), h = C/2 -> 6 (C/2) channels;
+    plus the stack input recomputed exactly for the first block (C)."""
+    half = channels // 2
+    voxels = batch * spatial**3
+    return (6 * half + channels) * voxels * bytes_per / MB
+
+
+def _row(result: Result) -> str:
+    rss = "-" if result.rss_step_mb is None else f"{result.rss_step_mb:8.1f}"
+    cuda = "" if result.cuda_peak_mb is None else f" {result.cuda_peak_mb:9.1f}"
+    mode = "memory-efficient" if result.memory_efficient else "plain"
+    return (
+        f"{result.name:<18} {result.num_blocks:>3} {mode:<17} {result.saved_end_of_forward_mb:9.1f}"
+        f" {result.saved_peak_mb:9.1f} {rss:>8}{cuda} {result.median_s:8.3f} {result.min_s:8.3f}"
+    )
+
+
+HEADER = (
+    f"{'model':<18} {'N':>3} {'mode':<17} {'fwd-saved':>9} {'peak-saved':>9} {'RSS-step':>8}"
+    " {cuda}{'median s':>8} {'min s':>8}"
+)
+
+
+def _print_table(title: str, results: list[Result], device: torch.device) -> None:
+    print(f"\n{title}")
+    cuda = "cuda-peak " if device.type == "cuda" else ""
+    print(HEADER.replace("{cuda}", cuda) + "   (memory in MB)")
+    for result in results:
+        print(_row(result))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m monai_iqt.benchmark memory", description=__doc__
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--quick", action="store_true", help="N in {0,2,4,8}, fewer steps")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
+    parser.add_argument("--no-rss", action="store_true", help="skip the fresh-process RSS runs")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: CUDA is not available on this machine", file=sys.stderr)
+        return 2
+    torch.set_num_threads(2)
+    device = torch.device(args.device)
+    steps = args.steps or (5 if args.quick else 7)
+    depths = QUICK_DEPTHS if args.quick else DEPTHS
+    rss = not args.no_rss
+
+    print(f"batch {BATCH}, LR patch {PATCH}^3, one Adam step, device {device}, 2 threads")
+    fig6 = run_group(
+        [
+            Config("ESPCN", 0, False),
+            Config("ESPCN-RN4", 4, True),
+            Config("ESPCN-RN4-Naive", 4, False),
+        ],
+        device,
+        steps=steps,
+        warmup=2,
+        rss=rss,
+    )
+    _print_table("Fig. 6: ESPCN vs ESPCN-RN4 (memory-efficient) vs ESPCN-RN4-Naive", fig6, device)
+    espcn, rn4, naive = fig6
+    analytic = rebuilt_graph_mb(HIDDEN_CHANNELS[1], PATCH - 2)
+    print(
+        f"ESPCN-RN4 - ESPCN peak saved: {rn4.saved_peak_mb - espcn.saved_peak_mb:.1f} MB; "
+        f"analytic largest rebuilt graph (one F of a {HIDDEN_CHANNELS[1]}-channel block + "
+        f"the stack input): {analytic:.1f} MB"
+    )
+
+    sweep: list[Result] = []
+    for depth in depths:
+        name = f"ESPCN-RN{depth}" if depth else "ESPCN"
+        configs = [Config(name, depth, False)]
+        if depth:
+            configs.append(Config(name, depth, True))
+        sweep += run_group(configs, device, steps=steps, warmup=1, rss=rss)
+    _print_table("Depth sweep (plain and memory-efficient timed alternately per N)", sweep, device)
+
+    by_key = {(r.num_blocks, r.memory_efficient): r for r in sweep}
+    ratios = {
+        "memory_efficient_over_plain_saved_N4": (
+            rn4.saved_peak_mb / naive.saved_peak_mb,
+            TARGET_MEMORY_RATIO_N4,
+        ),
+        "time_memory_efficient_over_plain_N4": (rn4.median_s / naive.median_s, None),
+    }
+    if (8, True) in by_key:
+        me8, plain8 = by_key[(8, True)], by_key[(8, False)]
+        ratios["time_memory_efficient_over_plain_N8_median"] = (
+            me8.median_s / plain8.median_s,
+            TARGET_TIME_RATIO_N8,
+        )
+        ratios["time_memory_efficient_over_plain_N8_min"] = (me8.min_s / plain8.min_s, None)
+    if (32, True) in by_key and (2, True) in by_key:
+        ratios["saved_memory_efficient_N32_over_N2"] = (
+            by_key[(32, True)].saved_peak_mb / by_key[(2, True)].saved_peak_mb,
+            TARGET_FLATNESS_N32_VS_N2,
+        )
+    print("\nRatios (target: at most)")
+    for name, (value, target) in ratios.items():
+        verdict = (
+            ""
+            if target is None
+            else f"  target <= {target:.2f}: " + ("met" if value <= target else "NOT MET")
+        )
+        print(f"  {name:<46} {value:6.3f}{verdict}")
+
+    if args.json:
+        from preprocessing.io import write_json
+
+        payload = {
+            "device": str(device),
+            "batch": BATCH,
+            "patch": PATCH,
+            "fig6": [asdict(r) | {"median_s": r.median_s, "min_s": r.min_s} for r in fig6],
+            "sweep": [asdict(r) | {"median_s": r.median_s, "min_s": r.min_s} for r in sweep],
+            "ratios": {name: value for name, (value, _) in ratios.items()},
+        }
+        write_json(args.json, payload)
+    return 0
