@@ -179,8 +179,9 @@ def _mean_std(values: list[float]) -> str:
     values = [v for v in values if not math.isnan(v)]
     if not values:
         return "n/a"
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return f"{np.mean(values):.2f} (± {std:.2f})"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{np.mean(values):.2f} (± {np.std(values, ddof=1):.2f})"
 
 
 def summary_table(rows: list[dict], methods: Sequence[str]) -> str:
