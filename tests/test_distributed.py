@@ -25,7 +25,7 @@ def test_torchrun_two_ranks_end_identical_and_only_rank0_writes(
 ) -> None:
     config_files = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2",
         "-m", "monai.bundle", "run", "training", "--config_file", config_files,
         "--dataset_dir", str(preprocessed_root), "--output_dir", str(tmp_path / "out"),
         "--patches_per_subject", "10", "--num_revnet_blocks", "1", "--batch_size", "2",
