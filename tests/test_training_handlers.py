@@ -88,3 +88,32 @@ def test_command_line_flags() -> None:
     assert as_bool("false") is False and as_bool("True") is True and as_bool(False) is False
     with pytest.raises(InputError, match="expected true or false"):
         as_bool("maybe")
+
+
+def test_early_stopping_on_rising_rmse_and_its_state_resumes() -> None:
+    from monai_iqt.training import ResumableEarlyStopHandler, negative_metric
+
+    scores = iter([0.9, 0.8, 0.85, 0.84, 0.83, 0.5])  # best at epoch 2, then 3 epochs worse
+    trainer = Engine(lambda engine, batch: None)
+    evaluator = Engine(lambda engine, batch: None)
+
+    @evaluator.on(Events.EPOCH_COMPLETED)
+    def score(engine: Engine) -> None:
+        engine.state.metrics["val_rmse"] = next(scores)
+
+    stopper = ResumableEarlyStopHandler(
+        patience=3, score_function=negative_metric("val_rmse"), trainer=trainer
+    )
+    stopper.attach(evaluator)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: evaluator.run([0]))
+    trainer.run([0], max_epochs=10)
+    assert trainer.state.epoch == 5  # stopped after 3 epochs without improving on 0.8
+    assert stopper.state_dict() == {"counter": 3, "best_score": -0.8}
+
+    fresh = ResumableEarlyStopHandler(
+        patience=3,
+        score_function=negative_metric("val_rmse"),
+        trainer=Engine(lambda engine, batch: None),
+    )
+    fresh.load_state_dict({"counter": 2, "best_score": -0.8})
+    assert fresh.state_dict() == {"counter": 2, "best_score": -0.8}
