@@ -128,6 +128,7 @@ class Result:
     rss_step_mb: float | None = None
     cuda_peak_mb: float | None = None
     times_s: list[float] = field(default_factory=list)
+    cpu_times_s: list[float] = field(default_factory=list)
 
     @property
     def median_s(self) -> float:
@@ -136,6 +137,10 @@ class Result:
     @property
     def min_s(self) -> float:
         return min(self.times_s) if self.times_s else float("nan")
+
+    @property
+    def median_cpu_s(self) -> float:
+        return statistics.median(self.cpu_times_s) if self.cpu_times_s else float("nan")
 
 
 def make_batch(
@@ -196,11 +201,12 @@ def time_alternating(
     for round_index in range(warmup + steps):
         for result, model, optimizer in runs:
             _sync(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             train_step(model, optimizer, x, y)
             _sync(device)
             if round_index >= warmup:
                 result.times_s.append(time.perf_counter() - start)
+                result.cpu_times_s.append(time.process_time() - start_cpu)
 
 
 def rss_child(num_blocks: int, memory_efficient: bool, steps: int) -> float:
@@ -278,14 +284,21 @@ def run_group(
     return [result for result, _, _ in runs]
 
 
-def rebuilt_graph_mb(channels: int, spatial: int, batch: int = BATCH, bytes_per: int = 4) -> float:
-    """Analytic bytes held by the largest graph the engine rebuilds at once: one F (or G) of a
-    block of ``channels``, with its rebuilt input. Saved per F: its input (C/2), ReLU outputs
-    (C/2 + 2 h) and convolution outputs read by BatchNorm (2 h), h = C/2 -> 6 (C/2) channels;
-    plus the stack input recomputed exactly for the first block (C)."""
-    half = channels // 2
-    voxels = batch * spatial**3
-    return (6 * half + channels) * voxels * bytes_per / MB
+def _activation_mb(channels: int, spatial: int, batch: int = BATCH) -> float:
+    return channels * batch * spatial**3 * 4 / MB
+
+
+def block_graph_mb(channels: int, spatial: int, batch: int = BATCH) -> float:
+    """Analytic float32 bytes autograd saves for one block of ``channels`` (F and G together):
+    per F (or G) its input, three ReLU outputs and two convolution outputs read by BatchNorm,
+    each C/2 wide (inner width C/2): 6 x C/2."""
+    return 2 * _activation_mb(6 * (channels // 2), spatial, batch)
+
+
+def engine_extra_mb(channels: int, spatial: int, batch: int = BATCH) -> float:
+    """Analytic peak of the engine over the ESPCN for the widest stack: one F or G graph (half
+    of :func:`block_graph_mb`) plus the stack input recomputed for the first block (C)."""
+    return block_graph_mb(channels, spatial, batch) / 2 + _activation_mb(channels, spatial, batch)
 
 
 def _row(result: Result) -> str:
@@ -295,19 +308,24 @@ def _row(result: Result) -> str:
     return (
         f"{result.name:<18} {result.num_blocks:>3} {mode:<17} {result.saved_end_of_forward_mb:9.1f}"
         f" {result.saved_peak_mb:9.1f} {rss:>8}{cuda} {result.median_s:8.3f} {result.min_s:8.3f}"
+        f" {result.median_cpu_s:8.3f}"
     )
 
 
 HEADER = (
     f"{'model':<18} {'N':>3} {'mode':<17} {'fwd-saved':>9} {'peak-saved':>9} {'RSS-step':>8}"
-    " {cuda}{'median s':>8} {'min s':>8}"
+    " {cuda}" + f"{'median s':>8} {'min s':>8} {'cpu s':>8}"
 )
+
+
+def _summary(result: Result) -> dict:
+    return asdict(result) | {"median_s": result.median_s, "min_s": result.min_s}
 
 
 def _print_table(title: str, results: list[Result], device: torch.device) -> None:
     print(f"\n{title}")
     cuda = "cuda-peak " if device.type == "cuda" else ""
-    print(HEADER.replace("{cuda}", cuda) + "   (memory in MB)")
+    print(HEADER.replace("{cuda}", cuda) + "   (memory MB; cpu s = median process CPU time)")
     for result in results:
         print(_row(result))
 
@@ -321,17 +339,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="N in {0,2,4,8}, fewer steps")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
     parser.add_argument("--no-rss", action="store_true", help="skip the fresh-process RSS runs")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: CUDA is not available on this machine", file=sys.stderr)
         return 2
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     steps = args.steps or (5 if args.quick else 7)
     depths = QUICK_DEPTHS if args.quick else DEPTHS
     rss = not args.no_rss
 
-    print(f"batch {BATCH}, LR patch {PATCH}^3, one Adam step, device {device}, 2 threads")
+    print(
+        f"batch {BATCH}, LR patch {PATCH}^3, one Adam step, device {device}, "
+        f"{args.threads} threads, {steps} timed steps"
+    )
     fig6 = run_group(
         [
             Config("ESPCN", 0, False),
@@ -345,11 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     _print_table("Fig. 6: ESPCN vs ESPCN-RN4 (memory-efficient) vs ESPCN-RN4-Naive", fig6, device)
     espcn, rn4, naive = fig6
-    analytic = rebuilt_graph_mb(HIDDEN_CHANNELS[1], PATCH - 2)
+    width, spatial = HIDDEN_CHANNELS[1], PATCH - 2
+    kept = _activation_mb(3, PATCH) + _activation_mb(25 + 50, spatial) + _activation_mb(6, PATCH)
     print(
-        f"ESPCN-RN4 - ESPCN peak saved: {rn4.saved_peak_mb - espcn.saved_peak_mb:.1f} MB; "
-        f"analytic largest rebuilt graph (one F of a {HIDDEN_CHANNELS[1]}-channel block + "
-        f"the stack input): {analytic:.1f} MB"
+        f"ESPCN-RN4 - ESPCN peak saved: {rn4.saved_peak_mb - espcn.saved_peak_mb:.1f} MB. "
+        f"Analytic: one {width}-channel block's rebuilt graph (F+G) "
+        f"{block_graph_mb(width, spatial):.1f} MB; this engine holds at most one F or G graph "
+        f"plus the stack input, {engine_extra_mb(width, spatial):.1f} MB, plus A0 and the kept "
+        f"second-block halves, {kept:.1f} MB, minus the loss's saved tensors after its backward."
     )
 
     sweep: list[Result] = []
@@ -368,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             TARGET_MEMORY_RATIO_N4,
         ),
         "time_memory_efficient_over_plain_N4": (rn4.median_s / naive.median_s, None),
+        "cpu_time_memory_efficient_over_plain_N4": (rn4.median_cpu_s / naive.median_cpu_s, None),
     }
     if (8, True) in by_key:
         me8, plain8 = by_key[(8, True)], by_key[(8, False)]
@@ -376,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
             TARGET_TIME_RATIO_N8,
         )
         ratios["time_memory_efficient_over_plain_N8_min"] = (me8.min_s / plain8.min_s, None)
+        ratios["cpu_time_memory_efficient_over_plain_N8"] = (
+            me8.median_cpu_s / plain8.median_cpu_s,
+            None,
+        )
     if (32, True) in by_key and (2, True) in by_key:
         ratios["saved_memory_efficient_N32_over_N2"] = (
             by_key[(32, True)].saved_peak_mb / by_key[(2, True)].saved_peak_mb,
@@ -397,8 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             "device": str(device),
             "batch": BATCH,
             "patch": PATCH,
-            "fig6": [asdict(r) | {"median_s": r.median_s, "min_s": r.min_s} for r in fig6],
-            "sweep": [asdict(r) | {"median_s": r.median_s, "min_s": r.min_s} for r in sweep],
+            "fig6": [_summary(r) for r in fig6],
+            "sweep": [_summary(r) for r in sweep],
             "ratios": {name: value for name, (value, _) in ratios.items()},
         }
         write_json(args.json, payload)
