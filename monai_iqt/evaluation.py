@@ -25,7 +25,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from monai_iqt import figures
-from monai_iqt.inference import WholeBrainInferer, check_output_dir, make_inferer
+from monai_iqt.inference import DEFAULT_ROI_SIZE, WholeBrainInferer, check_output_dir, make_inferer
 from monai_iqt.maps import tensor_maps
 from monai_iqt.metrics import BASELINE_ORDERS, REGIONS, interior_mask, interpolate_lr, region_rmse
 from preprocessing.io import InputError, write_json
@@ -308,6 +308,7 @@ def evaluate(
         if subject.name == figure_subject:
             first_model = next(iter(inferers), None)
             result.files.update(_figures(subject, predictions, first_model, out))
+    out.mkdir(parents=True, exist_ok=True)
     result.wilcoxon = wilcoxon_test(result.rows, *compare)
     result.summary_markdown = _summary_markdown(result, names, interior_radius)
     result.files["metrics"] = _write_csv(out / "metrics.csv", result.rows)
@@ -343,7 +344,7 @@ def bundle_evaluate(
     output_dir: str | os.PathLike,
     model_path: str | os.PathLike | None,
     normalisation_path: str | os.PathLike | None,
-    roi_size: Sequence[int] | int = 64,
+    roi_size: Sequence[int] | int = DEFAULT_ROI_SIZE,
     sw_batch_size: int = 1,
     device: str | None = None,
     **kwargs,

@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 #: LR voxels lost on each side by the ESPCN's valid 3^3, 1^3, 3^3 convolutions.
 VALID_SHRINK = 2
 
+#: Largest window side in LR voxels. 96^3 LR voxels hold an HCP brain at 2.5 mm (72 x 87 x 72)
+#: in one window; the ESPCN's activations for it take about 0.35 GB per layer. Smaller windows
+#: bound memory further (each window costs 2 * halo voxels of overlap per axis).
+DEFAULT_ROI_SIZE = 96
+
 #: b-values below this are b0 volumes (HCP b0 volumes have b=5), as in preprocessing.
 B0_THRESHOLD = 100.0
 
@@ -204,7 +209,7 @@ class WholeBrainInferer:
         network: torch.nn.Module,
         stats: NormalisationStats,
         upscale_factor: int = 2,
-        roi_size: Sequence[int] | int = 64,
+        roi_size: Sequence[int] | int = DEFAULT_ROI_SIZE,
         sw_batch_size: int = 1,
         device: torch.device | str | None = None,
     ) -> None:
@@ -325,7 +330,7 @@ def bundle_window(roi_size: Sequence[int] | int, halo: int) -> tuple[int, ...]:
     """Windows of at least ``4 * halo`` LR voxels, so at least half of each axis is kept.
 
     ESPCN-RN-N discards ``2 + 6 N`` voxels on each inner side of a window (N = 4: 26), so a
-    64^3 window would be mostly halo; the bundle then enlarges the window (one whole-volume
+    small window would be mostly halo; the bundle then enlarges the window (one whole-volume
     window for an HCP-size ESPCN-RN4 input) and says so.
     """
     sizes = (roi_size,) * 3 if isinstance(roi_size, int) else tuple(int(s) for s in roi_size)
@@ -340,7 +345,7 @@ def bundle_window(roi_size: Sequence[int] | int, halo: int) -> tuple[int, ...]:
 def make_inferer(
     model_path: str | os.PathLike,
     normalisation_path: str | os.PathLike,
-    roi_size: Sequence[int] | int = 64,
+    roi_size: Sequence[int] | int = DEFAULT_ROI_SIZE,
     sw_batch_size: int = 1,
     device: torch.device | str | None = None,
 ) -> WholeBrainInferer:
@@ -510,11 +515,18 @@ def discover_inputs(folder: Path) -> list[Path]:
 
 
 def check_output_dir(output_dir: str | os.PathLike) -> Path:
-    """Create ``output_dir`` and prove it writable (write a probe file) before any compute."""
+    """Prove ``output_dir`` can be made and written, before any compute, without creating it.
+
+    A probe file is written (and removed) in the nearest folder that already exists.
+    """
     output_dir = Path(output_dir)
+    existing = output_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"output folder {output_dir} is not writable: {existing} is not a folder")
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=output_dir)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as error:
@@ -573,7 +585,7 @@ def run_inference(
     mask: str | os.PathLike | None = None,
     bvals: str | os.PathLike | None = None,
     bvecs: str | os.PathLike | None = None,
-    roi_size: Sequence[int] | int = 64,
+    roi_size: Sequence[int] | int = DEFAULT_ROI_SIZE,
     sw_batch_size: int = 1,
     device: torch.device | str | None = None,
 ) -> dict[str, dict[str, Path]]:
@@ -592,22 +604,19 @@ def run_inference(
         folders = discover_inputs(source)
         if not folders:
             raise InputError(f"{source} holds no subject folder with a dt_lr.nii.gz")
+        targets = {folder.name: Path(output_dir) / folder.name for folder in folders}
+    else:
+        targets = {source.name.removesuffix(".gz").removesuffix(".nii"): Path(output_dir)}
+    for target in targets.values():
+        check_output_dir(target)
+    if source.is_dir():
         items = []
         for folder in folders:
             subject_mask = folder / "mask_lr.nii.gz"
-            items.append(
-                load_input(
-                    folder / "dt_lr.nii.gz",
-                    subject_mask if subject_mask.is_file() else None,
-                    name=folder.name,
-                )
-            )
-        targets = {item.name: Path(output_dir) / item.name for item in items}
+            mask_path = subject_mask if subject_mask.is_file() else None
+            items.append(load_input(folder / "dt_lr.nii.gz", mask_path, name=folder.name))
     else:
         items = [load_input(source, mask, bvals, bvecs)]
-        targets = {items[0].name: Path(output_dir)}
-    for target in targets.values():
-        check_output_dir(target)
     inferer = make_inferer(model_path, normalisation_path, roi_size, sw_batch_size, device)
     for item in items:
         warn_voxel_size(item.affine, inferer.stats, item.source)

@@ -1,6 +1,6 @@
 """Benchmark whole-brain inference: sliding windows, one whole-volume pass, 11^3 patch stitching.
 
-``python -m monai_iqt.benchmark inference [--shape 72 87 72] [--num-blocks 0] [--roi-size 64]
+``python -m monai_iqt.benchmark inference [--shape 72 87 72] [--num-blocks 0] [--roi-size 96]
 [--repeats 3] [--device cpu|cuda]`` builds an HCP-size LR tensor volume with an ellipsoidal
 brain, runs the three methods alternately (``--repeats`` rounds, so the machine's load hits
 them alike) and prints median seconds, the ratios, LR/HR voxels per second, the largest
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from monai_iqt.data.normalise import NormalisationStats
-from monai_iqt.inference import VALID_SHRINK, WholeBrainInferer
+from monai_iqt.inference import DEFAULT_ROI_SIZE, VALID_SHRINK, WholeBrainInferer
 from monai_iqt.networks import ESPCN_RN
 
 METHODS = ("whole_volume", "sliding_window", "patches_11")
@@ -122,7 +122,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--shape", type=int, nargs=3, default=(72, 87, 72), help="LR volume")
     parser.add_argument("--num-blocks", type=int, default=0, help="N of ESPCN-RN-N (0: ESPCN)")
-    parser.add_argument("--roi-size", type=int, default=64, help="largest window (LR voxels)")
+    parser.add_argument(
+        "--roi-size", type=int, default=DEFAULT_ROI_SIZE, help="largest window (LR voxels)"
+    )
     parser.add_argument("--sw-batch-size", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
