@@ -323,7 +323,7 @@ def _summary(result: Result) -> dict:
 
 
 def _print_table(title: str, results: list[Result], device: torch.device) -> None:
-    print(f"\n{title}")
+    print(f"\n{title}", flush=True)
     cuda = "cuda-peak " if device.type == "cuda" else ""
     print(HEADER.replace("{cuda}", cuda) + "   (memory MB; cpu s = median process CPU time)")
     for result in results:
@@ -377,14 +377,16 @@ def main(argv: list[str] | None = None) -> int:
         f"second-block halves, {kept:.1f} MB, minus the loss's saved tensors after its backward."
     )
 
+    _print_table("Depth sweep (plain and memory-efficient timed alternately per N)", [], device)
     sweep: list[Result] = []
     for depth in depths:
         name = f"ESPCN-RN{depth}" if depth else "ESPCN"
         configs = [Config(name, depth, False)]
         if depth:
             configs.append(Config(name, depth, True))
-        sweep += run_group(configs, device, steps=steps, warmup=1, rss=rss)
-    _print_table("Depth sweep (plain and memory-efficient timed alternately per N)", sweep, device)
+        for result in run_group(configs, device, steps=steps, warmup=1, rss=rss):
+            print(_row(result), flush=True)
+            sweep.append(result)
 
     by_key = {(r.num_blocks, r.memory_efficient): r for r in sweep}
     ratios = {
