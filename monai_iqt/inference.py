@@ -7,8 +7,9 @@ volume gives. An output voxel of ESPCN-RN-N depends on ``halo = 2 + 6 N`` LR vox
 voxels are wrong unless that side of the window is the side of the volume. The predictor
 returns the prediction times a 0/1 weight plus the weight itself as a 7th channel; MONAI sums
 both over the windows and the ratio is the weighted average of exact predictions only. Windows
-are sized to tile the volume with exactly the overlap the halo needs, and windows without brain
-are not computed. The result is the whole-volume pass, not the paper's 11^3 patch stitching.
+are sized to tile the volume with exactly the overlap the halo needs; each runs the network only
+on its brain's bounding box plus the halo, and windows without brain are not computed. The
+result is the whole-volume pass, not the paper's 11^3 patch stitching.
 """
 
 from __future__ import annotations
