@@ -347,6 +347,7 @@ def bundle_evaluate(
     roi_size: Sequence[int] | int = DEFAULT_ROI_SIZE,
     sw_batch_size: int = 1,
     device: str | None = None,
+    baselines_only: bool = False,
     **kwargs,
 ) -> EvaluationResult:
     """The bundle's ``evaluation``: load the model, :func:`evaluate`, print the table.
@@ -354,12 +355,12 @@ def bundle_evaluate(
     Without ``subjects``, the subjects the model was trained on (``training_subjects`` in its
     normalisation statistics) are left out: the table is about held-out subjects. Bad input
     (missing data, weights or subjects) prints one sentence and exits with code 2.
-    ``model_path=None`` evaluates the interpolation baselines only.
+    ``baselines_only`` (or ``model_path=None``) evaluates the interpolation baselines only.
     """
     try:
         folders = find_subjects(dataset_dir, kwargs.get("subjects"))  # before loading anything
         inferers = {}
-        if model_path is not None:
+        if model_path is not None and str(baselines_only).lower() not in ("true", "1"):
             inferer = make_inferer(model_path, normalisation_path, roi_size, sw_batch_size, device)
             inferers[model_label(inferer.stats.extra.get("num_blocks", 0))] = inferer
             trained = set(inferer.stats.extra.get("training_subjects") or [])
