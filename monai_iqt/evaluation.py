@@ -28,7 +28,7 @@ from monai_iqt import figures
 from monai_iqt.inference import DEFAULT_ROI_SIZE, WholeBrainInferer, check_output_dir, make_inferer
 from monai_iqt.maps import tensor_maps
 from monai_iqt.metrics import BASELINE_ORDERS, REGIONS, interior_mask, interpolate_lr, region_rmse
-from preprocessing.io import InputError, write_json
+from preprocessing.io import InputError, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -202,17 +202,7 @@ def _write_csv(path: Path, rows: list[dict]) -> Path:
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buffer.getvalue())
-    os.replace(tmp, path)
-    return path
-
-
-def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_text(path, buffer.getvalue())
 
 
 def _figures(
@@ -312,7 +302,7 @@ def evaluate(
     result.wilcoxon = wilcoxon_test(result.rows, *compare)
     result.summary_markdown = _summary_markdown(result, names, interior_radius)
     result.files["metrics"] = _write_csv(out / "metrics.csv", result.rows)
-    result.files["summary"] = _write_text(out / "summary.md", result.summary_markdown)
+    result.files["summary"] = write_text(out / "summary.md", result.summary_markdown)
     result.files["summary_json"] = write_json(
         out / "summary.json",
         {"rows": result.rows, "wilcoxon": result.wilcoxon, "interior_radius": interior_radius},

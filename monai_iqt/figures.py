@@ -5,7 +5,6 @@ Matplotlib runs headless (Agg); every figure shows one axial slice (fixed z) of 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from monai_iqt.metrics import RMSE_UNIT  # noqa: E402
+from preprocessing.io import atomic_path  # noqa: E402
 
 
 def _axial(volume: np.ndarray, z: int) -> np.ndarray:
@@ -25,11 +25,11 @@ def _axial(volume: np.ndarray, z: int) -> np.ndarray:
 
 def _save(figure: plt.Figure, path: Path) -> Path:
     """Save via a temporary name in the same folder, then rename (no truncated PNG on a crash)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(figure)
     return path
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +35,23 @@ class InputError(ValueError):
     """Bad user input: the message is one sentence naming the file and the problem."""
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
-    """A temporary file in the destination folder, so the final rename is atomic."""
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` on success, delete it on error.
+
+    The one way this project writes files: a crash never leaves a truncated file under the final
+    name, and an existing file stays intact until the new one is complete.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)  # keep ".nii.gz" so nibabel compresses
     fd, tmp_name = tempfile.mkstemp(
         prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent
     )
+    os.close(fd)
     os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-    return fd, tmp_name
-
-
-def _replace(tmp_name: str, path: Path) -> None:
     try:
+        yield Path(tmp_name)
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
@@ -59,36 +65,26 @@ def save_nifti(
     dtype: type | np.dtype | None = None,
 ) -> Path:
     """Write ``data`` as a NIfTI file atomically (temporary name in the same folder, renamed)."""
-    path = Path(path)
     array = np.asarray(data if dtype is None else data.astype(dtype, copy=False))
     image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
     image.header.set_data_dtype(array.dtype)
     image.set_qform(image.affine, code=1)
     image.set_sform(image.affine, code=1)
-    fd, tmp_name = _atomic_target(path)
-    os.close(fd)
-    try:
-        nib.save(image, tmp_name)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _replace(tmp_name, path)
-    return path
+    with atomic_path(path) as tmp:
+        nib.save(image, tmp)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
     """Write ``payload`` as indented JSON atomically."""
-    path = Path(path)
-    fd, tmp_name = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "w") as stream:
-            json.dump(payload, stream, indent=2, default=_jsonable)
-            stream.write("\n")
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _replace(tmp_name, path)
-    return path
+    return write_text(path, json.dumps(payload, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(value: Any) -> Any:

@@ -39,7 +39,7 @@ import numpy as np
 from nibabel.openers import Opener
 from scipy.spatial import cKDTree
 
-from preprocessing.io import _atomic_target, _replace, save_nifti
+from preprocessing.io import atomic_path, save_nifti, write_text
 
 log = logging.getLogger(__name__)
 
@@ -236,9 +236,9 @@ def write_synthetic_subject(
     _save_nifti_volumes(
         diffusion_dir / "data.nii.gz", shape, len(acquisition.bvals), affine, volumes()
     )
-    _write_text(diffusion_dir / "bvals", " ".join(f"{b:g}" for b in acquisition.bvals) + "\n")
+    write_text(diffusion_dir / "bvals", " ".join(f"{b:g}" for b in acquisition.bvals) + "\n")
     bvec_rows = [" ".join(f"{v:.6f}" for v in row) for row in acquisition.bvecs.T]
-    _write_text(diffusion_dir / "bvecs", "\n".join(bvec_rows) + "\n")
+    write_text(diffusion_dir / "bvecs", "\n".join(bvec_rows) + "\n")
     save_nifti(diffusion_dir / "nodif_brain_mask.nii.gz", phantom.brain_mask, affine, np.uint8)
     ground_truth = phantom.tensors * phantom.brain_mask[..., None]
     save_nifti(subject_dir / "ground_truth" / "dt_hr.nii.gz", ground_truth, affine, np.float32)
@@ -372,18 +372,6 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Atomic text write through the package's temporary-name-then-rename helpers."""
-    fd, tmp_name = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "w") as stream:
-            stream.write(text)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _replace(tmp_name, path)
-
-
 def _save_nifti_volumes(path: Path, shape, count: int, affine, volumes) -> None:
     """Stream ``count`` float32 3D volumes into one 4D NIfTI atomically, one volume in memory."""
     header = nib.Nifti1Header()
@@ -393,12 +381,10 @@ def _save_nifti_volumes(path: Path, shape, count: int, affine, volumes) -> None:
     header.set_sform(affine, code=1)
     header.set_xyzt_units("mm", "sec")
     header.set_data_offset(352)  # 348-byte header + 4-byte empty extension flag
-    fd, tmp_name = _atomic_target(path)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         # nibabel's deterministic gzip (no name/mtime); one thread compresses volume k while
         # the caller's generator computes volume k + 1 (zlib releases the GIL).
-        with Opener(tmp_name, "wb") as stream, ThreadPoolExecutor(max_workers=1) as writer:
+        with Opener(str(tmp), "wb") as stream, ThreadPoolExecutor(max_workers=1) as writer:
             header.write_to(stream)
             written, pending = 0, None
             for volume in volumes:
@@ -411,7 +397,3 @@ def _save_nifti_volumes(path: Path, shape, count: int, affine, volumes) -> None:
                 pending.result()
         if written != count:
             raise ValueError(f"expected {count} volumes for {path}, got {written}")
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _replace(tmp_name, path)

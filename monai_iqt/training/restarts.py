@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from monai.utils import set_determinism
 from monai_iqt.data.patches import PatchData
 from monai_iqt.training.distributed import is_writer, rank, state_digest, world_size
 from monai_iqt.training.handlers import TrainingDiverged, TrainingHistory, as_bool
-from preprocessing.io import InputError, write_json
+from preprocessing.io import InputError, atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -233,17 +232,9 @@ def export_model(best_checkpoint: str | os.PathLike, model_path: str | os.PathLi
 
 def save_atomically(payload: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the destination folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            torch.save(payload, stream)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
 
 
 def _running_parser() -> ConfigParser:
