@@ -32,21 +32,17 @@ from scipy import ndimage
 from monai_iqt.data.normalise import NormalisationStats
 from monai_iqt.maps import tensor_maps
 from monai_iqt.metrics import upsample_nearest
+from monai_iqt.networks.espcn import VALID_SHRINK
 from preprocessing.geometry import hr_affine_from_lr
 from preprocessing.io import InputError, save_nifti
+from preprocessing.tensor_fit import B0_THRESHOLD, DEFAULT_BMAX, fit_dti
 
 log = logging.getLogger(__name__)
-
-#: LR voxels lost on each side by the ESPCN's valid 3^3, 1^3, 3^3 convolutions.
-VALID_SHRINK = 2
 
 #: Largest window side in LR voxels. 96^3 LR voxels hold an HCP brain at 2.5 mm (72 x 87 x 72)
 #: in one window; the ESPCN's activations for it take about 0.35 GB per layer. Smaller windows
 #: bound memory further (each window costs 2 * halo voxels of overlap per axis).
 DEFAULT_ROI_SIZE = 96
-
-#: b-values below this are b0 volumes (HCP b0 volumes have b=5), as in preprocessing.
-B0_THRESHOLD = 100.0
 
 #: Relative difference between input and training voxel sizes above which inference warns.
 VOXEL_SIZE_TOLERANCE = 0.2
@@ -429,7 +425,7 @@ def load_input(
     bvals: str | os.PathLike | None = None,
     bvecs: str | os.PathLike | None = None,
     name: str | None = None,
-    bmax: float = 1500.0,
+    bmax: float = DEFAULT_BMAX,
 ) -> InferenceInput:
     """Validate and load an LR tensor NIfTI, or a DWI NIfTI whose tensor is fitted with DIPY.
 
@@ -504,8 +500,6 @@ def _read_gradients(
 def _fit(
     dwi: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.ndarray | None
 ) -> np.ndarray:
-    from preprocessing.tensor_fit import fit_dti
-
     log.info("fitting DTI on the DWI input (%d volumes)", dwi.shape[3])
     return fit_dti(dwi, bvals, bvecs, mask=mask, b0_threshold=B0_THRESHOLD)
 

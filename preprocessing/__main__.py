@@ -13,6 +13,7 @@ import sys
 from preprocessing.hcp import PreprocessingOptions, preprocess_hcp
 from preprocessing.io import InputError
 from preprocessing.synthetic import DEFAULT_SHAPE, write_synthetic_subjects
+from preprocessing.tensor_fit import B0_THRESHOLD, DEFAULT_BMAX
 
 log = logging.getLogger("preprocessing")
 
@@ -29,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     hcp.add_argument("--out", required=True, help="output folder; one <id>/ sub-folder per subject")
     hcp.add_argument("--subjects", nargs="+", help="subject ids (default: all under --hcp-root)")
     hcp.add_argument("--factor", type=int, default=2, help="downsampling factor r (default 2)")
-    hcp.add_argument("--bmax", type=float, default=1500.0, help="fit volumes with b <= bmax")
-    hcp.add_argument("--b0-threshold", type=float, default=100.0, help="b below it is b0")
+    hcp.add_argument("--bmax", type=float, default=DEFAULT_BMAX, help="fit volumes with b <= bmax")
+    hcp.add_argument("--b0-threshold", type=float, default=B0_THRESHOLD, help="b below it is b0")
     hcp.add_argument("--fit-method", default="WLS", help="DIPY TensorModel fit method")
     hcp.add_argument("--workers", type=int, default=1, help="subjects processed in parallel")
     hcp.add_argument("--overwrite", action="store_true", help="redo complete subjects")

@@ -26,7 +26,12 @@ import numpy as np
 from preprocessing.downsample import block_mean, crop_volume, downsample_mask
 from preprocessing.geometry import crop_to_multiple, lr_affine_from_hr
 from preprocessing.io import TENSOR_ELEMENTS, InputError, save_nifti, write_json
-from preprocessing.tensor_fit import count_non_positive_definite, fit_dti
+from preprocessing.tensor_fit import (
+    B0_THRESHOLD,
+    DEFAULT_BMAX,
+    count_non_positive_definite,
+    fit_dti,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +53,8 @@ class PreprocessingOptions:
     """Settings of the DIPY stage (defaults follow the paper: r=2, b0 + b=1000 shell, WLS)."""
 
     factor: int = 2
-    bmax: float = 1500.0
-    b0_threshold: float = 100.0
+    bmax: float = DEFAULT_BMAX
+    b0_threshold: float = B0_THRESHOLD
     fit_method: str = "WLS"
 
 

@@ -15,12 +15,21 @@ from dipy.reconst.dti import TensorModel, from_lower_triangular
 
 log = logging.getLogger(__name__)
 
+#: Volumes with b below this are b0 (HCP's b0 volumes have b = 5 s/mm^2).
+B0_THRESHOLD = 100.0
+
+#: DTI is fitted on the volumes with b <= this: b0 and the b = 1000 shell, as the paper does.
+DEFAULT_BMAX = 1500.0
+
 #: Voxels per DIPY call: ~100 volumes x 50k voxels x 8 bytes = 40 MB per float64 copy.
 CHUNK_VOXELS = 50_000
 
 
 def make_tensor_model(
-    bvals: np.ndarray, bvecs: np.ndarray, b0_threshold: float = 100.0, fit_method: str = "WLS"
+    bvals: np.ndarray,
+    bvecs: np.ndarray,
+    b0_threshold: float = B0_THRESHOLD,
+    fit_method: str = "WLS",
 ) -> TensorModel:
     """DIPY TensorModel for FSL-style ``bvals`` (N,) and ``bvecs`` (N, 3); b < threshold is b0."""
     bvals = np.asarray(bvals, dtype=np.float64)
@@ -37,7 +46,7 @@ def fit_dti(
     bvals: np.ndarray,
     bvecs: np.ndarray,
     mask: np.ndarray | None = None,
-    b0_threshold: float = 100.0,
+    b0_threshold: float = B0_THRESHOLD,
     fit_method: str = "WLS",
 ) -> np.ndarray:
     """Fit a diffusion tensor per voxel and return it as an (X, Y, Z, 6) float32 volume.

@@ -30,12 +30,11 @@ from monai.data import CacheDataset, Dataset
 from monai.transforms import Transform
 
 from monai_iqt.data.normalise import NormalisationStats
+from monai_iqt.networks.espcn import VALID_SHRINK
 from preprocessing.io import TENSOR_ELEMENTS, InputError
 
 log = logging.getLogger(__name__)
 
-#: LR voxels lost on each side by the ESPCN's valid convolutions (3^3, 1^3, 3^3).
-VALID_SHRINK = 2
 RECORD_NAME = "preprocessing.json"
 VOLUME_NAMES = ("dt_lr.nii.gz", "dt_hr.nii.gz", "mask_hr.nii.gz")
 #: Where the demo's preprocessed subjects come from (quoted when ``dataset_dir`` is missing).
