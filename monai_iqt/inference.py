@@ -34,8 +34,9 @@ from monai_iqt.maps import tensor_maps
 from monai_iqt.metrics import upsample_nearest
 from monai_iqt.networks.espcn import VALID_SHRINK
 from preprocessing.geometry import hr_affine_from_lr
+from preprocessing.hcp import read_gradient_table
 from preprocessing.io import InputError, save_nifti
-from preprocessing.tensor_fit import B0_THRESHOLD, DEFAULT_BMAX, fit_dti
+from preprocessing.tensor_fit import DEFAULT_BMAX, fit_dti
 
 log = logging.getLogger(__name__)
 
@@ -466,42 +467,14 @@ def load_input(
             f"{path} has {image.shape[3]} volumes, so it is not a 6-element tensor image; as a DWI "
             f"it needs its {missing} (give --bvals/--bvecs; none found beside it)"
         )
-    values, vectors = _read_gradients(bvals_path, bvecs_path, image.shape[3], path)
+    values, vectors = read_gradient_table(bvals_path, bvecs_path, path, image.shape[3], bmax=bmax)
     selected = np.flatnonzero(values <= bmax)  # b0 and the b=1000 shell, as in preprocessing
-    if np.count_nonzero(values[selected] >= B0_THRESHOLD) < 6:
-        raise InputError(f"{path} has fewer than 6 diffusion-weighted volumes with b <= {bmax:g}")
     # one sequential read (slicing volume by volume re-decompresses a .gz file each time)
     dwi = np.asarray(image.dataobj)[..., selected].astype(np.float32)
     _check_finite(path, dwi)
-    tensor = _fit(dwi, values[selected], vectors[selected], mask_lr)
+    log.info("fitting DTI on the DWI input (%d volumes)", selected.size)
+    tensor = fit_dti(dwi, values[selected], vectors[selected], mask=mask_lr)
     return InferenceInput(name, tensor, image.affine, mask_lr, path)
-
-
-def _read_gradients(
-    bvals_path: Path, bvecs_path: Path, volumes: int, dwi_path: Path
-) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        values = np.loadtxt(bvals_path, ndmin=1).ravel()
-        vectors = np.loadtxt(bvecs_path, ndmin=2)
-    except ValueError as error:
-        raise InputError(
-            f"{bvals_path} or {bvecs_path} is not a readable FSL text file: {error}"
-        ) from error
-    if vectors.shape[0] == 3 and vectors.shape[1] != 3:
-        vectors = vectors.T
-    if values.size != volumes or vectors.shape != (volumes, 3):
-        raise InputError(
-            f"{bvals_path} has {values.size} b-values and {bvecs_path} {vectors.shape[0]} "
-            f"directions but {dwi_path} has {volumes} volumes"
-        )
-    return values, vectors
-
-
-def _fit(
-    dwi: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.ndarray | None
-) -> np.ndarray:
-    log.info("fitting DTI on the DWI input (%d volumes)", dwi.shape[3])
-    return fit_dti(dwi, bvals, bvecs, mask=mask, b0_threshold=B0_THRESHOLD)
 
 
 def discover_inputs(folder: Path) -> list[Path]:

@@ -120,32 +120,9 @@ def load_subject_inputs(
             f"{data_path} is {len(shape)}D with shape {shape}, but a 4D diffusion series is needed."
         )
     volumes = shape[3]
-    bvals = _read_numbers(bvals_path).ravel()
-    if bvals.size != volumes:
-        raise InputError(
-            f"{bvals_path} has {bvals.size} b-values but {data_path.name} has {volumes} volumes."
-        )
-    bvecs = _read_bvecs(bvecs_path, volumes, data_path.name)
-    is_b0 = bvals < options.b0_threshold
-    lengths = np.linalg.norm(bvecs, axis=1)
-    bad = np.flatnonzero(~is_b0 & (np.abs(lengths - 1) > UNIT_LENGTH_TOLERANCE))
-    if bad.size:
-        raise InputError(
-            f"{bvecs_path} direction {bad[0]} has length {lengths[bad[0]]:.3g} "
-            f"(b={bvals[bad[0]]:g}), "
-            "but diffusion-weighted directions must be unit vectors."
-        )
-    if not is_b0.any():
-        raise InputError(
-            f"{bvals_path} has no b0 volume (b < {options.b0_threshold:g}); a tensor fit needs one."
-        )
-    in_shell = ~is_b0 & (bvals <= options.bmax)
-    directions = _distinct_directions(bvecs[in_shell])
-    if directions < 6:
-        raise InputError(
-            f"{bvals_path} has {directions} distinct directions with "
-            f"{options.b0_threshold:g} <= b <= {options.bmax:g}, but a tensor fit needs at least 6."
-        )
+    bvals, bvecs = read_gradient_table(
+        bvals_path, bvecs_path, data_path, volumes, options.b0_threshold, options.bmax
+    )
 
     mask_image = _load_nifti(mask_path)
     if tuple(mask_image.shape) != shape[:3]:
@@ -176,7 +153,7 @@ def load_subject_inputs(
         affine=data_image.affine,
         bvals=bvals,
         bvecs=bvecs,
-        selected=np.flatnonzero(is_b0 | in_shell),
+        selected=np.flatnonzero((bvals < options.b0_threshold) | (bvals <= options.bmax)),
         mask=mask,
     )
 
@@ -365,6 +342,49 @@ def _record_outcome(outcome, summary: RunSummary) -> None:
     else:
         summary.failed[subject_id] = detail
         log.error("%s: FAILED: %s", subject_id, detail)
+
+
+def read_gradient_table(
+    bvals_path: str | os.PathLike,
+    bvecs_path: str | os.PathLike,
+    data_path: str | os.PathLike,
+    volumes: int,
+    b0_threshold: float = B0_THRESHOLD,
+    bmax: float = DEFAULT_BMAX,
+) -> tuple[np.ndarray, np.ndarray]:
+    """FSL bvals (N,) and bvecs (N, 3) checked for a DTI fit of ``data_path``'s N volumes.
+
+    One sentence (InputError) for: counts differing from the volumes, bvecs of the wrong shape or
+    not unit length (b0 rows aside), no b0 volume, fewer than 6 directions with b <= ``bmax``.
+    """
+    bvals_path, bvecs_path, data_name = Path(bvals_path), Path(bvecs_path), Path(data_path).name
+    bvals = _read_numbers(bvals_path).ravel()
+    if bvals.size != volumes:
+        raise InputError(
+            f"{bvals_path} has {bvals.size} b-values but {data_name} has {volumes} volumes."
+        )
+    bvecs = _read_bvecs(bvecs_path, volumes, data_name)
+    is_b0 = bvals < b0_threshold
+    lengths = np.linalg.norm(bvecs, axis=1)
+    bad = np.flatnonzero(~is_b0 & (np.abs(lengths - 1) > UNIT_LENGTH_TOLERANCE))
+    if bad.size:
+        raise InputError(
+            f"{bvecs_path} direction {bad[0]} has length {lengths[bad[0]]:.3g} "
+            f"(b={bvals[bad[0]]:g}), "
+            "but diffusion-weighted directions must be unit vectors."
+        )
+    if not is_b0.any():
+        raise InputError(
+            f"{bvals_path} has no b0 volume (b < {b0_threshold:g}); a tensor fit needs one."
+        )
+    in_shell = ~is_b0 & (bvals <= bmax)
+    directions = _distinct_directions(bvecs[in_shell])
+    if directions < 6:
+        raise InputError(
+            f"{bvals_path} has {directions} distinct directions with "
+            f"{b0_threshold:g} <= b <= {bmax:g}, but a tensor fit needs at least 6."
+        )
+    return bvals, bvecs
 
 
 # --- helpers ----------------------------------------------------------------------------------

@@ -312,3 +312,26 @@ def test_voxel_size_far_from_training_warns_naming_both(tmp_path, tiny_models, c
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert "1.25x1.25x1.25 mm" in warning and "2.5x2.5x2.5 mm" in warning
     assert os.path.isfile(tmp_path / "out" / "md.nii.gz")
+
+
+def test_dwi_with_non_unit_bvecs_fails_with_one_sentence_naming_the_bvecs(tmp_path):
+    """The DWI path shares preprocessing's gradient checks (read_gradient_table)."""
+    eye = np.diag([2.5, 2.5, 2.5, 1.0])
+    dwi = np.abs(random_tensors((10, 10, 10)))[..., [0, 1, 2, 3, 4, 5, 0]]
+    save_nifti(tmp_path / "dwi.nii.gz", dwi, eye)
+    (tmp_path / "dwi.bval").write_text("0 1000 1000 1000 1000 1000 1000\n")
+    directions = np.array(
+        [[0, 0, 0], [1, 0, 0], [0, 2, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1], [1, 0, 1]]
+    )
+    np.savetxt(tmp_path / "dwi.bvec", directions.T.astype(float))
+    with pytest.raises(InputError) as raised:
+        run_inference(
+            tmp_path / "dwi.nii.gz",
+            tmp_path / "out",
+            tmp_path / "no_model.pt",
+            tmp_path / "no_stats.json",
+            device="cpu",
+        )
+    message = str(raised.value)
+    assert "dwi.bvec" in message and "unit vectors" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
