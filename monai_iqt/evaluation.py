@@ -28,6 +28,7 @@ from monai_iqt import figures
 from monai_iqt.inference import DEFAULT_ROI_SIZE, WholeBrainInferer, check_output_dir, make_inferer
 from monai_iqt.maps import tensor_maps
 from monai_iqt.metrics import BASELINE_ORDERS, REGIONS, interior_mask, interpolate_lr, region_rmse
+from monai_iqt.training.handlers import as_bool
 from preprocessing.io import InputError, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -210,7 +211,8 @@ def _figures(
 ) -> dict[str, Path]:
     """Fig. 5-like MD panel, colour-FA and error maps at the brain's central axial slice."""
     z = int(np.round(np.nonzero(subject.mask_hr.any(axis=(0, 1)))[0].mean()))
-    shown = [name for name in (model, BASELINE_NAMES["cubic"]) if name in predictions]
+    preferred = [name for name in (model, BASELINE_NAMES["cubic"]) if name in predictions]
+    shown = preferred or list(predictions)[:1]  # e.g. baselines only, without cubic
     maps = {"ground truth": tensor_maps(subject.dt_hr, subject.mask_hr)}
     maps.update({name: tensor_maps(predictions[name], subject.mask_hr) for name in shown})
     md_lr = tensor_maps(subject.dt_lr, subject.mask_lr)["md"]
@@ -350,7 +352,7 @@ def bundle_evaluate(
     try:
         folders = find_subjects(dataset_dir, kwargs.get("subjects"))  # before loading anything
         inferers = {}
-        if model_path is not None and str(baselines_only).lower() not in ("true", "1"):
+        if model_path is not None and not as_bool(baselines_only):
             inferer = make_inferer(model_path, normalisation_path, roi_size, sw_batch_size, device)
             inferers[model_label(inferer.stats.extra.get("num_blocks", 0))] = inferer
             trained = set(inferer.stats.extra.get("training_subjects") or [])

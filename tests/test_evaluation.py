@@ -180,3 +180,11 @@ def test_bundle_evaluation_on_preprocessed_subjects(preprocessed_root, tmp_path)
     }
     assert all(float(r["rmse_total"]) > 0 for r in rows)
     assert (out / "md_axial.png").stat().st_size > 1000
+
+
+def test_baselines_without_cubic_still_draw_the_error_figure(hand_dataset, tmp_path):
+    root, _ = hand_dataset
+    result = evaluate(root, tmp_path / "eval", methods=("nearest", "trilinear"))
+    error_png = tmp_path / "eval" / "abs_error_axial.png"
+    assert error_png.is_file() and error_png.stat().st_size > 0
+    assert {row["method"] for row in result.rows} == {"nearest", "trilinear"}
