@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from pickle import UnpicklingError
 
 import nibabel as nib
 import numpy as np
@@ -316,11 +317,18 @@ def load_network(
         memory_efficient=memory_efficient,
         upscale_factor=int(stats.extra.get("upscale_factor", 2)),
     )
-    state = torch.load(model_path, map_location="cpu", weights_only=True)
-    for key in ("network", "model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    network.load_state_dict(state)
+    try:
+        state = torch.load(model_path, map_location="cpu", weights_only=True)
+        for key in ("network", "model", "state_dict"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        network.load_state_dict(state)
+    except (RuntimeError, OSError, ValueError, TypeError, EOFError, UnpicklingError) as error:
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise InputError(
+            f"{model_path} is not an ESPCN-RN{network.num_blocks} state dict matching its "
+            f"normalisation statistics ({reason})"
+        ) from error
     return network.to(device if device is not None else default_device()).eval()
 
 
@@ -353,7 +361,12 @@ def make_inferer(
         raise InputError(
             f"{normalisation_path} does not exist: it is written beside the trained weights"
         )
-    stats = NormalisationStats.load(normalisation_path)
+    try:
+        stats = NormalisationStats.load(normalisation_path)
+    except (ValueError, TypeError, KeyError) as error:
+        raise InputError(
+            f"{normalisation_path} is not a normalisation statistics file ({error})"
+        ) from error
     network = load_network(model_path, stats, device)
     roi_size = bundle_window(roi_size, network_halo(network))
     return WholeBrainInferer(

@@ -335,3 +335,25 @@ def test_dwi_with_non_unit_bvecs_fails_with_one_sentence_naming_the_bvecs(tmp_pa
     message = str(raised.value)
     assert "dwi.bvec" in message and "unit vectors" in message and "\n" not in message
     assert not (tmp_path / "out").exists()
+
+
+def test_model_files_that_do_not_match_fail_with_one_sentence(tmp_path, tiny_models):
+    """Wrong depth, a corrupt model.pt and a malformed normalisation.json name the file."""
+    model_path, stats_path = tiny_models
+    save_nifti(tmp_path / "dt.nii.gz", random_tensors((9, 9, 9)), np.diag([2.5, 2.5, 2.5, 1.0]))
+    deeper = NormalisationStats.load(stats_path)
+    deeper.extra["num_blocks"] = 1
+    deeper.save(tmp_path / "deeper.json")
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "broken.json").write_text("{ not json")
+    cases = {
+        "wrong depth": (model_path, tmp_path / "deeper.json", "model.pt"),
+        "corrupt weights": (tmp_path / "corrupt.pt", stats_path, "corrupt.pt"),
+        "malformed statistics": (model_path, tmp_path / "broken.json", "broken.json"),
+    }
+    for name, (weights, stats, named_file) in cases.items():
+        with pytest.raises(InputError) as raised:
+            run_inference(tmp_path / "dt.nii.gz", tmp_path / "out", weights, stats, device="cpu")
+        message = str(raised.value)
+        assert named_file in message and "\n" not in message, (name, message)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
