@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import stats as scipy_stats
 
@@ -29,7 +28,7 @@ from monai_iqt.inference import DEFAULT_ROI_SIZE, WholeBrainInferer, check_outpu
 from monai_iqt.maps import tensor_maps
 from monai_iqt.metrics import BASELINE_ORDERS, REGIONS, interior_mask, interpolate_lr, region_rmse
 from monai_iqt.training.handlers import as_bool
-from preprocessing.io import InputError, write_json, write_text
+from preprocessing.io import InputError, read_nifti, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +100,10 @@ def find_subjects(
 
 def load_subject(folder: Path) -> tuple[Subject, np.ndarray]:
     """Load and check one subject; returns it and the LR affine."""
-    images = {name: nib.load(folder / f"{name}.nii.gz") for name in SUBJECT_FILES}
-    dt_lr = np.asarray(images["dt_lr"].dataobj, dtype=np.float32)
-    dt_hr = np.asarray(images["dt_hr"].dataobj, dtype=np.float32)
-    mask_lr = np.asarray(images["mask_lr"].dataobj) > 0
-    mask_hr = np.asarray(images["mask_hr"].dataobj) > 0
+    dt_lr, lr_affine = read_nifti(folder / "dt_lr.nii.gz", np.float32)
+    dt_hr, _ = read_nifti(folder / "dt_hr.nii.gz", np.float32)
+    mask_lr = read_nifti(folder / "mask_lr.nii.gz")[0] > 0
+    mask_hr = read_nifti(folder / "mask_hr.nii.gz")[0] > 0
     if dt_lr.ndim != 4 or dt_lr.shape[3] != 6 or dt_hr.ndim != 4 or dt_hr.shape[3] != 6:
         raise InputError(
             f"{folder}: dt_lr {dt_lr.shape} and dt_hr {dt_hr.shape} must be (X, Y, Z, 6)"
@@ -122,7 +120,7 @@ def load_subject(folder: Path) -> tuple[Subject, np.ndarray]:
         if not np.isfinite(data).all():
             raise InputError(f"{folder / name}.nii.gz contains NaN or infinite values")
     subject = Subject(folder.name, dt_lr, dt_hr, mask_lr, mask_hr, int(next(iter(ratios))))
-    return subject, images["dt_lr"].affine
+    return subject, lr_affine
 
 
 def lr_brain_region(mask_hr: np.ndarray, factor: int) -> np.ndarray:

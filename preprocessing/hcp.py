@@ -25,7 +25,7 @@ import numpy as np
 
 from preprocessing.downsample import block_mean, crop_volume, downsample_mask
 from preprocessing.geometry import crop_to_multiple, lr_affine_from_hr
-from preprocessing.io import TENSOR_ELEMENTS, InputError, save_nifti, write_json
+from preprocessing.io import TENSOR_ELEMENTS, InputError, load_nifti, save_nifti, write_json
 from preprocessing.tensor_fit import (
     B0_THRESHOLD,
     DEFAULT_BMAX,
@@ -113,7 +113,7 @@ def load_subject_inputs(
             raise InputError(f"{path} is missing.")
     data_path, bvals_path, bvecs_path, mask_path = paths
 
-    data_image = _load_nifti(data_path)
+    data_image = load_nifti(data_path)
     shape = tuple(int(n) for n in data_image.shape)
     if len(shape) != 4:
         raise InputError(
@@ -124,7 +124,7 @@ def load_subject_inputs(
         bvals_path, bvecs_path, data_path, volumes, options.b0_threshold, options.bmax
     )
 
-    mask_image = _load_nifti(mask_path)
+    mask_image = load_nifti(mask_path)
     if tuple(mask_image.shape) != shape[:3]:
         raise InputError(
             f"{mask_path} has shape {tuple(mask_image.shape)} but {data_path.name} has spatial "
@@ -388,13 +388,6 @@ def read_gradient_table(
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def _load_nifti(path: Path) -> nib.Nifti1Image:
-    try:
-        return nib.load(path)
-    except Exception as error:
-        raise InputError(f"{path} cannot be read as NIfTI ({error}).") from error
 
 
 def _read_numbers(path: Path) -> np.ndarray:

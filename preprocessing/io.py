@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,6 +86,24 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
     """Write ``payload`` as indented JSON atomically."""
     return write_text(path, json.dumps(payload, indent=2, default=_jsonable) + "\n")
+
+
+def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
+    """Open a NIfTI image (header; data stay on disk); one sentence if it cannot be read."""
+    try:
+        return nib.load(path)
+    except Exception as error:  # nibabel raises several types for unreadable files
+        raise InputError(f"{path} cannot be read as NIfTI ({error}).") from error
+
+
+def read_nifti(path: str | os.PathLike, dtype: type | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The whole image as an array and its affine; one sentence if unreadable or truncated."""
+    image = load_nifti(path)
+    try:
+        data = np.asarray(image.dataobj, dtype=dtype)
+    except (OSError, EOFError, ValueError, zlib.error) as error:
+        raise InputError(f"{path} cannot be read: {error}.") from error
+    return data, image.affine
 
 
 def _jsonable(value: Any) -> Any:

@@ -188,3 +188,17 @@ def test_baselines_without_cubic_still_draw_the_error_figure(hand_dataset, tmp_p
     error_png = tmp_path / "eval" / "abs_error_axial.png"
     assert error_png.is_file() and error_png.stat().st_size > 0
     assert {row["method"] for row in result.rows} == {"nearest", "trilinear"}
+
+
+def test_truncated_volume_is_one_sentence_naming_it(hand_dataset, tmp_path):
+    import shutil
+
+    root, subjects = hand_dataset
+    name = sorted(subjects)[0]
+    shutil.copytree(root / name, tmp_path / "dataset" / name)
+    dt_lr = tmp_path / "dataset" / name / "dt_lr.nii.gz"
+    dt_lr.write_bytes(dt_lr.read_bytes()[: dt_lr.stat().st_size // 2])
+    with pytest.raises(InputError) as raised:
+        evaluate(tmp_path / "dataset", tmp_path / "eval")
+    message = str(raised.value)
+    assert str(dt_lr) in message and "cannot be read" in message and "\n" not in message

@@ -208,3 +208,20 @@ def test_hr_shape_not_factor_times_lr(tmp_path: Path, dataset: Path) -> None:
     (tmp_path / "data" / "subjA" / "preprocessing.json").write_text(json.dumps({"factor": 3}))
     with pytest.raises(InputError, match=r"subjA/dt_hr.nii.gz has spatial shape .* not 3 x"):
         build_patch_data(tmp_path / "data", patches_per_subject=5)
+
+
+def test_truncated_volume_is_one_sentence_naming_it(
+    preprocessed_root: Path, tmp_path: Path
+) -> None:
+    """A cut-off dt_hr.nii.gz (e.g. a copy interrupted mid-way) is reported, not a traceback."""
+    import shutil
+
+    subject = sorted(p for p in preprocessed_root.iterdir() if p.is_dir())[0]
+    copy = tmp_path / "dataset" / subject.name
+    shutil.copytree(subject, copy)
+    dt_hr = copy / "dt_hr.nii.gz"
+    dt_hr.write_bytes(dt_hr.read_bytes()[: dt_hr.stat().st_size // 2])
+    with pytest.raises(InputError) as raised:
+        build_patch_data(tmp_path / "dataset", patches_per_subject=10, seed=0)
+    message = str(raised.value)
+    assert str(dt_hr) in message and "cannot be read" in message and "\n" not in message

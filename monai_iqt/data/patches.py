@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.data import CacheDataset, Dataset
@@ -31,7 +30,7 @@ from monai.transforms import Transform
 
 from monai_iqt.data.normalise import NormalisationStats
 from monai_iqt.networks.espcn import VALID_SHRINK
-from preprocessing.io import TENSOR_ELEMENTS, InputError
+from preprocessing.io import TENSOR_ELEMENTS, InputError, load_nifti, read_nifti
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +86,8 @@ def inspect_subject(folder: Path) -> dict[str, Any]:
     for name in VOLUME_NAMES:
         if not (folder / name).is_file():
             raise InputError(f"{folder / name} is missing (subject {folder.name}).")
-    lr_image = nib.load(folder / "dt_lr.nii.gz")
-    hr_image = nib.load(folder / "dt_hr.nii.gz")
+    lr_image = load_nifti(folder / "dt_lr.nii.gz")
+    hr_image = load_nifti(folder / "dt_hr.nii.gz")
     for name, image in (("dt_lr.nii.gz", lr_image), ("dt_hr.nii.gz", hr_image)):
         if len(image.shape) != 4:
             raise InputError(
@@ -100,7 +99,7 @@ def inspect_subject(folder: Path) -> dict[str, Any]:
             f"{folder / 'dt_lr.nii.gz'} has {lr_image.shape[3]}."
         )
     factor = _upscale_factor(folder, lr_image.shape[:3], hr_image.shape[:3])
-    mask_shape = nib.load(folder / "mask_hr.nii.gz").shape
+    mask_shape = load_nifti(folder / "mask_hr.nii.gz").shape
     if tuple(mask_shape) != tuple(hr_image.shape[:3]):
         raise InputError(
             f"{folder / 'mask_hr.nii.gz'} has shape {tuple(mask_shape)} but dt_hr.nii.gz has "
@@ -126,9 +125,9 @@ class LoadSubject(Transform):
         folder = Path(item["folder"])
         volumes = {}
         for key in ("dt_lr", "dt_hr"):
-            data = np.asarray(nib.load(folder / f"{key}.nii.gz").dataobj, dtype=np.float32)
+            data, _ = read_nifti(folder / f"{key}.nii.gz", np.float32)
             volumes[key] = np.ascontiguousarray(np.moveaxis(data, -1, 0))
-        volumes["mask_hr"] = np.asanyarray(nib.load(folder / "mask_hr.nii.gz").dataobj) > 0
+        volumes["mask_hr"] = read_nifti(folder / "mask_hr.nii.gz")[0] > 0
         return {**item, **volumes}
 
 
@@ -273,13 +272,21 @@ def build_patch_data(
     folders = find_subjects(dataset_dir, subjects)
     records = [inspect_subject(folder) for folder in folders]
     _check_consistent(records)
-    cache = CacheDataset(
-        records,
-        transform=LoadSubject(),
-        num_workers=max(1, int(num_workers)),
-        progress=False,
-        copy_cache=False,
-    )
+    try:
+        cache = CacheDataset(
+            records,
+            transform=LoadSubject(),
+            num_workers=max(1, int(num_workers)),
+            progress=False,
+            copy_cache=False,
+        )
+    except RuntimeError as error:  # MONAI wraps a transform's error: surface the input error
+        cause = error
+        while cause is not None and not isinstance(cause, InputError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
     volumes = [cache[i] for i in range(len(cache))]
     for volume in volumes:
         _check_finite(volume)
