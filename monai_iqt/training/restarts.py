@@ -232,8 +232,8 @@ def export_model(best_checkpoint: str | os.PathLike, model_path: str | os.PathLi
 
 def save_atomically(payload: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the destination folder, then rename."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as stream:
+        torch.save(payload, stream)  # a stream, not a path: no random temporary name inside
     return Path(path)
 
 
