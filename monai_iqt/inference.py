@@ -36,7 +36,7 @@ from monai_iqt.metrics import upsample_nearest
 from monai_iqt.networks.espcn import VALID_SHRINK
 from preprocessing.geometry import hr_affine_from_lr
 from preprocessing.hcp import read_gradient_table
-from preprocessing.io import InputError, save_nifti
+from preprocessing.io import InputError, load_nifti, save_nifti
 from preprocessing.tensor_fit import DEFAULT_BMAX, fit_dti
 
 log = logging.getLogger(__name__)
@@ -396,10 +396,7 @@ class InferenceInput:
 def _load_image(path: Path, what: str) -> nib.Nifti1Image:
     if not path.is_file():
         raise InputError(f"{path} does not exist ({what})")
-    try:
-        return nib.load(path)
-    except Exception as error:  # nibabel raises several types for unreadable files
-        raise InputError(f"{path} is not a readable NIfTI image ({what}): {error}") from error
+    return load_nifti(path)
 
 
 def _check_finite(path: Path, data: np.ndarray) -> None:

@@ -30,11 +30,11 @@ from monai.transforms import Transform
 
 from monai_iqt.data.normalise import NormalisationStats
 from monai_iqt.networks.espcn import VALID_SHRINK
+from preprocessing.hcp import RECORD_NAME
 from preprocessing.io import TENSOR_ELEMENTS, InputError, load_nifti, read_nifti
 
 log = logging.getLogger(__name__)
 
-RECORD_NAME = "preprocessing.json"
 VOLUME_NAMES = ("dt_lr.nii.gz", "dt_hr.nii.gz", "mask_hr.nii.gz")
 #: Where the demo's preprocessed subjects come from (quoted when ``dataset_dir`` is missing).
 MAKE_DEMO_DATA = (
