@@ -44,3 +44,8 @@ def crop_to_multiple(shape: tuple[int, ...], factor: int) -> tuple[int, int, int
 def _check_factor(factor: int) -> None:
     if int(factor) != factor or factor < 1:
         raise ValueError(f"the downsampling factor must be a whole number >= 1, got {factor!r}")
+
+
+def voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    """Voxel side lengths in mm along the three voxel axes (column norms of the affine)."""
+    return np.sqrt((np.asarray(affine, dtype=float)[:3, :3] ** 2).sum(axis=0))

@@ -106,6 +106,13 @@ def read_nifti(path: str | os.PathLike, dtype: type | None = None) -> tuple[np.n
     return data, image.affine
 
 
+def check_finite(path: str | os.PathLike, data: np.ndarray) -> None:
+    """One sentence naming ``path`` if ``data`` holds NaN or infinite values."""
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise InputError(f"{path} contains {bad} NaN or infinite values.")
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
