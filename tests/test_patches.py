@@ -113,19 +113,30 @@ def test_sampling_is_seeded_split_80_20_and_per_subject(dataset: Path) -> None:
 def test_normalisation_statistics_come_from_training_patches(dataset: Path) -> None:
     data = build_patch_data(dataset, patches_per_subject=40, seed=3)
     pairs = raw_pairs(data, "train")
-    oracle = NormalisationStats.from_samples(
-        torch.stack([p[1] for p in pairs]), torch.stack([p[2] for p in pairs])
-    )
-    for field in ("input_mean", "input_std", "target_mean", "target_std"):
-        np.testing.assert_allclose(getattr(data.stats, field), getattr(oracle, field), rtol=1e-9)
+    # Oracle: numpy's mean and unbiased std of every training patch value, channel by channel.
+    oracle = {}
+    for key, index in (("input", 1), ("target", 2)):
+        values = np.stack([p[index].numpy() for p in pairs]).astype(np.float64)
+        by_channel = np.moveaxis(values, 1, 0).reshape(6, -1)
+        oracle[f"{key}_mean"] = by_channel.mean(axis=1)
+        oracle[f"{key}_std"] = by_channel.std(axis=1, ddof=1)
+    for field, expected in oracle.items():
+        np.testing.assert_allclose(getattr(data.stats, field), expected, rtol=1e-9)
     item = data.train_dataset[0]
     _, image, label = pairs[0]
-    mean = torch.tensor(oracle.input_mean, dtype=torch.float64)[:, None, None, None]
-    std = torch.tensor(oracle.input_std, dtype=torch.float64)[:, None, None, None]
-    np.testing.assert_allclose(item["image"].double(), (image.double() - mean) / std, atol=1e-5)
-    t_mean = torch.tensor(oracle.target_mean, dtype=torch.float64)[:, None, None, None]
-    t_std = torch.tensor(oracle.target_std, dtype=torch.float64)[:, None, None, None]
-    np.testing.assert_allclose(item["label"].double(), (label.double() - t_mean) / t_std, atol=1e-5)
+    mean, std = (oracle[f"input_{m}"][:, None, None, None] for m in ("mean", "std"))
+    np.testing.assert_allclose(
+        item["image"].double(), (image.double().numpy() - mean) / std, atol=1e-5
+    )
+    t_mean, t_std = (oracle[f"target_{m}"][:, None, None, None] for m in ("mean", "std"))
+    np.testing.assert_allclose(
+        item["label"].double(), (label.double().numpy() - t_mean) / t_std, atol=1e-5
+    )
+    # The in-memory form gives the same statistics as the chunked one.
+    in_memory = NormalisationStats.from_samples(
+        torch.stack([p[1] for p in pairs]), torch.stack([p[2] for p in pairs])
+    )
+    np.testing.assert_allclose(in_memory.target_std, oracle["target_std"], rtol=1e-9)
     extra = data.model_extra()
     assert extra["tensor_elements"] == ["Dxx", "Dxy", "Dyy", "Dxz", "Dyz", "Dzz"]
     assert extra["upscale_factor"] == 2 and extra["lr_patch_size"] == 11
@@ -156,25 +167,36 @@ def test_preprocessed_fixture_subjects_give_patches(preprocessed_root: Path) -> 
 
 
 def test_missing_dataset_dir_says_which_command_makes_it(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match=r"does not exist; make .*python -m preprocessing hcp"):
+    with pytest.raises(InputError, match=r"does not exist: run `python -m preprocessing hcp"):
         build_patch_data(tmp_path / "demo" / "preprocessed")
 
 
 def test_dataset_dir_without_subjects(tmp_path: Path) -> None:
     (tmp_path / "empty" / "half_done").mkdir(parents=True)
-    with pytest.raises(InputError, match=r"has no preprocessed subjects"):
+    with pytest.raises(InputError, match=r"holds no preprocessed subject"):
         build_patch_data(tmp_path / "empty")
 
 
 def test_unknown_subject(dataset: Path) -> None:
-    with pytest.raises(InputError, match=r"subject nobody is not a preprocessed subject"):
+    with pytest.raises(InputError, match=r"subject nobody is not a complete preprocessed subject"):
         build_patch_data(dataset, subjects=["subjA", "nobody"])
 
 
-def test_subjects_with_different_channel_counts(tmp_path: Path) -> None:
+def test_numeric_subject_ids_name_folders(tmp_path: Path) -> None:
+    """``--subjects 100307`` reaches the config as an int: it names the folder ``100307``."""
+    write_subject(tmp_path, "100307", 0)
+    write_subject(tmp_path, "100408", 1)
+    data = build_patch_data(tmp_path, subjects=[100408], patches_per_subject=5)
+    assert data.subjects == ["100408"]
+    assert build_patch_data(tmp_path, subjects=100307, patches_per_subject=5).subjects == ["100307"]
+
+
+def test_a_subject_without_six_tensor_elements(tmp_path: Path) -> None:
     write_subject(tmp_path, "six", 0)
     write_subject(tmp_path, "four", 1, channels=4)
-    with pytest.raises(InputError, match=r"subjects four and six have different channel counts"):
+    with pytest.raises(
+        InputError, match=r"four/dt_lr.nii.gz has shape .*expected .*\(X, Y, Z, 6\)"
+    ):
         build_patch_data(tmp_path, patches_per_subject=5)
 
 
@@ -199,7 +221,7 @@ def test_nan_in_a_tensor_volume(tmp_path: Path, dataset: Path) -> None:
     data = np.asarray(image.dataobj).copy()
     data[3, 3, 3, 0] = np.nan
     save_nifti(path, data, image.affine)
-    with pytest.raises(InputError, match=r"subjB/dt_lr.nii.gz contains NaN"):
+    with pytest.raises(InputError, match=r"subjB/dt_lr.nii.gz contains 1 NaN"):
         build_patch_data(tmp_path / "data", patches_per_subject=5)
 
 

@@ -227,7 +227,7 @@ def test_dataset_dir_without_subjects_stops_with_one_sentence(tmp_path: Path) ->
     result = run_training(tmp_path / "empty", tmp_path / "out")
     assert result.returncode == 2
     errors = [line for line in result.stdout.splitlines() if " - ERROR - " in line]
-    assert len(errors) == 1 and "has no preprocessed subjects" in errors[0]
+    assert len(errors) == 1 and "holds no preprocessed subject" in errors[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,19 +33,47 @@ class NormalisationStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
+    def from_batches(
+        cls, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], **extra: Any
+    ) -> NormalisationStats:
+        """Statistics of (input, target) channel-first batches ``(B, C, X, Y, Z)``.
+
+        ``batches()`` is called twice (means, then spreads about them), so the samples never
+        need to be in memory at once; sums are float64 and the std is unbiased (n - 1).
+        """
+        sums: list[torch.Tensor | float] = [0.0, 0.0]
+        counts = [0, 0]
+        for pair in batches():
+            for index, batch in enumerate(pair):
+                values = _by_channel(batch)
+                sums[index] = sums[index] + values.sum(dim=1)
+                counts[index] += values.shape[1]
+        if not all(counts):
+            raise ValueError("normalisation statistics need at least one sample")
+        means = [total / count for total, count in zip(sums, counts, strict=True)]
+        squares: list[torch.Tensor | float] = [0.0, 0.0]
+        for pair in batches():
+            for index, batch in enumerate(pair):
+                deviations = _by_channel(batch) - means[index][:, None]
+                squares[index] = squares[index] + (deviations**2).sum(dim=1)
+        stds = [
+            (square / max(count - 1, 1)).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
+            for square, count in zip(squares, counts, strict=True)
+        ]
+        return cls(
+            input_mean=means[0].tolist(),
+            input_std=stds[0].tolist(),
+            target_mean=means[1].tolist(),
+            target_std=stds[1].tolist(),
+            extra=dict(extra),
+        )
+
+    @classmethod
     def from_samples(
         cls, inputs: torch.Tensor, targets: torch.Tensor, **extra: Any
     ) -> NormalisationStats:
         """Statistics of channel-first batches ``(B, C, X, Y, Z)`` of inputs and targets."""
-
-        def moments(batch: torch.Tensor) -> tuple[list[float], list[float]]:
-            values = batch.double().transpose(0, 1).reshape(batch.shape[1], -1)
-            std = values.std(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
-            return values.mean(dim=1).tolist(), std.tolist()
-
-        input_mean, input_std = moments(inputs)
-        target_mean, target_std = moments(targets)
-        return cls(input_mean, input_std, target_mean, target_std, dict(extra))
+        return cls.from_batches(lambda: [(inputs, targets)], **extra)
 
     def normalise_input(self, x: torch.Tensor) -> torch.Tensor:
         return (x - _channels(self.input_mean, x)) / _channels(self.input_std, x)
@@ -63,6 +92,11 @@ class NormalisationStats:
     def load(cls, path: str | os.PathLike) -> NormalisationStats:
         with open(path) as stream:
             return cls(**json.load(stream))
+
+
+def _by_channel(batch: torch.Tensor) -> torch.Tensor:
+    """(B, C, ...) -> (C, B * ...) in float64."""
+    return batch.double().transpose(0, 1).reshape(batch.shape[1], -1)
 
 
 def _channels(values: list[float], like: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Training patches: LR 11^3 inputs paired with the HR 14^3 blocks the network predicts.
 
-Each preprocessed subject (``dt_lr``, ``dt_hr``, ``mask_hr`` and ``preprocessing.json`` written
-by ``python -m preprocessing hcp``) is read from disk once into a MONAI ``CacheDataset``; the
+Each preprocessed subject (found by ``preprocessing.layout.find_subjects``, checked and read by
+``monai_iqt.data.subjects``, the loader evaluation uses too) is read once into a MONAI
+``CacheDataset``; the
 patch pairs are then cropped from those in-memory volumes, so nothing is re-read per epoch and
 the cache holds only the two tensor volumes and the HR mask of each subject (float32/bool, about
 101 MB for an HCP-size subject) instead of every overlapping patch (220 MB at 2250 patches).
@@ -15,10 +16,9 @@ block's centre voxel (offset ``r * (n - 4) // 2``) lies in ``mask_hr`` (the pape
 
 from __future__ import annotations
 
-import json
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,19 +28,14 @@ import torch
 from monai.data import CacheDataset, Dataset
 from monai.transforms import Transform
 
+from monai_iqt.bundle import input_error_cause
 from monai_iqt.data.normalise import NormalisationStats
+from monai_iqt.data.subjects import SubjectHeader, inspect_subject, load_subject
 from monai_iqt.networks.espcn import VALID_SHRINK
-from preprocessing.hcp import RECORD_NAME
-from preprocessing.io import TENSOR_ELEMENTS, InputError, load_nifti, read_nifti
+from preprocessing.io import TENSOR_ELEMENTS, InputError
+from preprocessing.layout import find_subjects
 
 log = logging.getLogger(__name__)
-
-VOLUME_NAMES = ("dt_lr.nii.gz", "dt_hr.nii.gz", "mask_hr.nii.gz")
-#: Where the demo's preprocessed subjects come from (quoted when ``dataset_dir`` is missing).
-MAKE_DEMO_DATA = (
-    "python -m preprocessing synthetic --out demo/raw --subjects 6 --seed 0 && "
-    "python -m preprocessing hcp --hcp-root demo/raw --out demo/preprocessed"
-)
 
 
 def hr_patch_size(lr_patch_size: int, upscale_factor: int) -> int:
@@ -48,108 +43,21 @@ def hr_patch_size(lr_patch_size: int, upscale_factor: int) -> int:
     return upscale_factor * (lr_patch_size - 2 * VALID_SHRINK)
 
 
-def find_subjects(dataset_dir: str | Path, subjects: Sequence[str] | None = None) -> list[Path]:
-    """Subject folders of ``dataset_dir`` holding a ``preprocessing.json`` (complete subjects)."""
-    dataset_dir = Path(dataset_dir)
-    if not dataset_dir.is_dir():
-        raise InputError(
-            f"dataset_dir {dataset_dir} does not exist; make the demo's preprocessed subjects "
-            f"with `{MAKE_DEMO_DATA}` (or pass --dataset_dir DIR)."
-        )
-    if subjects is not None:
-        if isinstance(subjects, str):
-            subjects = [subjects]
-        folders = []
-        for name in subjects:
-            folder = dataset_dir / str(name)
-            if not (folder / RECORD_NAME).is_file():
-                raise InputError(
-                    f"subject {name} is not a preprocessed subject of {dataset_dir} "
-                    f"(no {folder / RECORD_NAME})."
-                )
-            folders.append(folder)
-        return folders
-    folders = sorted(p.parent for p in dataset_dir.glob(f"*/{RECORD_NAME}"))
-    if not folders:
-        raise InputError(
-            f"dataset_dir {dataset_dir} has no preprocessed subjects (no <subject>/{RECORD_NAME}); "
-            f"run `python -m preprocessing hcp --hcp-root RAW --out {dataset_dir}` first."
-        )
-    return folders
+class LoadSubjectVolumes(Transform):
+    """Read one subject (:func:`~monai_iqt.data.subjects.load_subject`) into what patches are
+    cut from: ``dt_lr`` (C, X, Y, Z), ``dt_hr`` (C, rX, rY, rZ) float32 and ``mask_hr``."""
 
-
-def inspect_subject(folder: Path) -> dict[str, Any]:
-    """Check one subject from its NIfTI headers (no voxel data read), before anything is loaded.
-
-    Returns ``{"subject", "folder", "channels", "upscale_factor", "lr_voxel_size_mm"}``.
-    """
-    for name in VOLUME_NAMES:
-        if not (folder / name).is_file():
-            raise InputError(f"{folder / name} is missing (subject {folder.name}).")
-    lr_image = load_nifti(folder / "dt_lr.nii.gz")
-    hr_image = load_nifti(folder / "dt_hr.nii.gz")
-    for name, image in (("dt_lr.nii.gz", lr_image), ("dt_hr.nii.gz", hr_image)):
-        if len(image.shape) != 4:
-            raise InputError(
-                f"{folder / name} has shape {image.shape}; expected a 4D tensor volume (X,Y,Z,C)."
-            )
-    if lr_image.shape[3] != hr_image.shape[3]:
-        raise InputError(
-            f"{folder / 'dt_hr.nii.gz'} has {hr_image.shape[3]} channels but "
-            f"{folder / 'dt_lr.nii.gz'} has {lr_image.shape[3]}."
-        )
-    factor = _upscale_factor(folder, lr_image.shape[:3], hr_image.shape[:3])
-    mask_shape = load_nifti(folder / "mask_hr.nii.gz").shape
-    if tuple(mask_shape) != tuple(hr_image.shape[:3]):
-        raise InputError(
-            f"{folder / 'mask_hr.nii.gz'} has shape {tuple(mask_shape)} but dt_hr.nii.gz has "
-            f"spatial shape {tuple(hr_image.shape[:3])}."
-        )
-    zooms = np.linalg.norm(np.asarray(lr_image.affine)[:3, :3], axis=0)
-    return {
-        "subject": folder.name,
-        "folder": str(folder),
-        "channels": int(lr_image.shape[3]),
-        "upscale_factor": factor,
-        "lr_voxel_size_mm": [float(z) for z in zooms],
-    }
-
-
-class LoadSubject(Transform):
-    """Read a subject checked by :func:`inspect_subject` into channel-first float32 arrays.
-
-    Adds ``dt_lr`` (C, X, Y, Z), ``dt_hr`` (C, rX, rY, rZ) and ``mask_hr`` (rX, rY, rZ, bool).
-    """
-
-    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
-        folder = Path(item["folder"])
-        volumes = {}
-        for key in ("dt_lr", "dt_hr"):
-            data, _ = read_nifti(folder / f"{key}.nii.gz", np.float32)
-            volumes[key] = np.ascontiguousarray(np.moveaxis(data, -1, 0))
-        volumes["mask_hr"] = read_nifti(folder / "mask_hr.nii.gz")[0] > 0
-        return {**item, **volumes}
-
-
-def _check_finite(volume: dict[str, Any]) -> None:
-    for key in ("dt_lr", "dt_hr"):
-        if not np.isfinite(volume[key]).all():
-            path = Path(volume["folder"]) / f"{key}.nii.gz"
-            raise InputError(f"{path} contains NaN or infinite values.")
-
-
-def _upscale_factor(folder: Path, lr_shape: tuple[int, ...], hr_shape: tuple[int, ...]) -> int:
-    with open(folder / RECORD_NAME) as stream:
-        record = json.load(stream)
-    factor = record.get("factor")
-    if factor is None:
-        factor = hr_shape[0] // max(lr_shape[0], 1)
-    if tuple(int(factor) * n for n in lr_shape) != tuple(hr_shape):
-        raise InputError(
-            f"{folder / 'dt_hr.nii.gz'} has spatial shape {tuple(hr_shape)}, which is not "
-            f"{factor} x the shape {tuple(lr_shape)} of dt_lr.nii.gz."
-        )
-    return int(factor)
+    def __call__(self, header: SubjectHeader) -> dict[str, Any]:
+        subject = load_subject(header)
+        return {
+            "subject": header.name,
+            "folder": str(header.folder),
+            "upscale_factor": header.upscale_factor,
+            "lr_voxel_size_mm": header.lr_voxel_size_mm,
+            "dt_lr": np.ascontiguousarray(np.moveaxis(subject.dt_lr, -1, 0)),
+            "dt_hr": np.ascontiguousarray(np.moveaxis(subject.dt_hr, -1, 0)),
+            "mask_hr": subject.mask_hr,
+        }
 
 
 def valid_patch_starts(
@@ -203,6 +111,14 @@ class ExtractPatchPair(Transform):
         hr = volume["dt_hr"][:, hx : hx + m, hy : hy + m, hz : hz + m]
         return torch.from_numpy(np.array(lr)), torch.from_numpy(np.array(hr))
 
+    def batches(
+        self, locations: Sequence[PatchLocation], chunk: int = 256
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Raw (input, target) batches of ``chunk`` patches, e.g. for the statistics."""
+        for begin in range(0, len(locations), chunk):
+            pairs = [self.crop(location) for location in locations[begin : begin + chunk]]
+            yield torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
     def __call__(self, location: PatchLocation) -> dict[str, torch.Tensor]:
         image, label = self.crop(location)
         if self.stats is not None:
@@ -237,9 +153,7 @@ class PatchData:
             "lr_patch_size": self.lr_patch_size,
             "hr_patch_size": self.hr_patch_size,
             "lr_voxel_size_mm": self.lr_voxel_size_mm,
-            "tensor_elements": list(TENSOR_ELEMENTS[: self.in_channels])
-            if self.in_channels == len(TENSOR_ELEMENTS)
-            else [f"channel{i}" for i in range(self.in_channels)],
+            "tensor_elements": list(TENSOR_ELEMENTS),
             "in_channels": self.in_channels,
             "training_subjects": self.subjects,
             "train_patches": len(self.train_dataset),
@@ -269,32 +183,27 @@ def build_patch_data(
         raise InputError(f"lr_patch_size must be >= {2 * VALID_SHRINK + 1}, got {lr_patch_size}.")
     if not 0.0 < float(validation_fraction) < 1.0:
         raise InputError(f"validation_fraction must be in (0, 1), got {validation_fraction}.")
-    folders = find_subjects(dataset_dir, subjects)
-    records = [inspect_subject(folder) for folder in folders]
-    _check_consistent(records)
+    headers = [inspect_subject(folder) for folder in find_subjects(dataset_dir, subjects)]
+    _check_consistent(headers)
     try:
         cache = CacheDataset(
-            records,
-            transform=LoadSubject(),
+            headers,
+            transform=LoadSubjectVolumes(),
             num_workers=max(1, int(num_workers)),
             progress=False,
             copy_cache=False,
         )
     except RuntimeError as error:  # MONAI wraps a transform's error: surface the input error
-        cause = error
-        while cause is not None and not isinstance(cause, InputError):
-            cause = cause.__cause__
+        cause = input_error_cause(error)
         if cause is None:
             raise
         raise cause from None
     volumes = [cache[i] for i in range(len(cache))]
-    for volume in volumes:
-        _check_finite(volume)
     train, val = _sample_locations(
         volumes, int(patches_per_subject), int(lr_patch_size), float(validation_fraction), int(seed)
     )
     raw = ExtractPatchPair(volumes, int(lr_patch_size))
-    stats = patch_statistics(raw, train)
+    stats = NormalisationStats.from_batches(lambda: raw.batches(train))
     normalised = ExtractPatchPair(volumes, int(lr_patch_size), stats)
     cache_bytes = sum(v["dt_lr"].nbytes + v["dt_hr"].nbytes + v["mask_hr"].nbytes for v in volumes)
     log.info(
@@ -310,7 +219,7 @@ def build_patch_data(
     return PatchData(
         subjects=[v["subject"] for v in volumes],
         upscale_factor=volumes[0]["upscale_factor"],
-        in_channels=volumes[0]["dt_lr"].shape[0],
+        in_channels=len(TENSOR_ELEMENTS),
         lr_patch_size=int(lr_patch_size),
         lr_voxel_size_mm=volumes[0]["lr_voxel_size_mm"],
         stats=stats,
@@ -321,24 +230,22 @@ def build_patch_data(
     )
 
 
-def _check_consistent(records: Sequence[dict[str, Any]]) -> None:
-    first = records[0]
-    for other in records[1:]:
-        for what, key in (("channel counts", "channels"), ("upscale factors", "upscale_factor")):
-            a, b = first[key], other[key]
-            if a != b:
-                raise InputError(
-                    f"subjects {first['subject']} and {other['subject']} have different {what} "
-                    f"({a} in {first['folder']}, {b} in {other['folder']}); train on subjects "
-                    f"preprocessed alike."
-                )
-        if not np.allclose(first["lr_voxel_size_mm"], other["lr_voxel_size_mm"], rtol=0.01):
+def _check_consistent(headers: Sequence[SubjectHeader]) -> None:
+    first = headers[0]
+    for other in headers[1:]:
+        if other.upscale_factor != first.upscale_factor:
+            raise InputError(
+                f"subjects {first.name} and {other.name} have different upscale factors "
+                f"({first.upscale_factor} in {first.folder}, {other.upscale_factor} in "
+                f"{other.folder}); train on subjects preprocessed alike."
+            )
+        if not np.allclose(first.lr_voxel_size_mm, other.lr_voxel_size_mm, rtol=0.01):
             log.warning(
                 "subjects %s and %s have different LR voxel sizes (%s mm vs %s mm)",
-                first["subject"],
-                other["subject"],
-                first["lr_voxel_size_mm"],
-                other["lr_voxel_size_mm"],
+                first.name,
+                other.name,
+                first.lr_voxel_size_mm,
+                other.lr_voxel_size_mm,
             )
 
 
@@ -373,37 +280,3 @@ def _sample_locations(
         train.extend(locations[n_val:])
         val.extend(locations[:n_val])
     return train, val
-
-
-def patch_statistics(
-    extract: ExtractPatchPair, locations: Sequence[PatchLocation], chunk: int = 256
-) -> NormalisationStats:
-    """Per-channel mean and (unbiased) std of raw input and target patches, two passes in float64
-    over chunks, so the statistics never need every patch in memory at once."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    for pass_ in ("mean", "var"):
-        for begin in range(0, len(locations), chunk):
-            pairs = [extract.crop(loc) for loc in locations[begin : begin + chunk]]
-            for key, batch in (("input", [p[0] for p in pairs]), ("target", [p[1] for p in pairs])):
-                values = torch.stack(batch).double().transpose(0, 1).flatten(1)
-                if pass_ == "mean":
-                    sums[key] = sums.get(key, 0) + values.sum(dim=1)
-                    counts[key] = counts.get(key, 0) + values.shape[1]
-                else:
-                    mean = sums[key] / counts[key]
-                    sums[key + "_sq"] = sums.get(key + "_sq", 0) + (
-                        (values - mean[:, None]) ** 2
-                    ).sum(dim=1)
-    moments = {}
-    for key in ("input", "target"):
-        mean = sums[key] / counts[key]
-        std = (sums[key + "_sq"] / max(counts[key] - 1, 1)).sqrt()
-        std = std.clamp_min(torch.finfo(torch.float64).tiny)
-        moments[key] = (mean.tolist(), std.tolist())
-    return NormalisationStats(
-        input_mean=moments["input"][0],
-        input_std=moments["input"][1],
-        target_mean=moments["target"][0],
-        target_std=moments["target"][1],
-    )
