@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from monai_iqt.benchmark.memory import SavedTensorTracker, parameter_storages
 from monai_iqt.engine import inversion_error
+from monai_iqt.engine.memory import SavedTensorTracker, parameter_storages
 from monai_iqt.networks import ESPCN_RN, RevBlock
 
 

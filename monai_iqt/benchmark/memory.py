@@ -1,6 +1,6 @@
 """Memory and time of one training step: ESPCN vs ESPCN-RN-N, plain vs memory-efficient (Fig. 6).
 
-``python -m monai_iqt.benchmark memory [--device cpu|cuda] [--json FILE] [--quick]``
+``python -m monai_iqt.benchmark memory [--device cpu|cuda] [--amp] [--json FILE] [--quick]``
 
 Prints the paper's Fig. 6 table (ESPCN, ESPCN-RN4, ESPCN-RN4-Naive; 11^3 LR patches, batch 12,
 one Adam step) and a depth sweep N in {0, 1, 2, 4, 8, 16, 32} in both modes, then the ratios
@@ -16,6 +16,10 @@ Memory:
   RSS before the first step; it includes gradients, Adam state and the CPU convolution scratch
   buffers (oneDNN), which are the same in both modes and dominate at small depth.
 - on CUDA also ``torch.cuda.max_memory_allocated`` over one step.
+
+``--amp``: forward under ``torch.autocast`` on the device (bfloat16 on CPU, float16 on CUDA),
+loss in float32, no gradient scaler (a float16 training run adds one: one multiply of the loss
+and one unscale of the gradients, which changes neither memory nor time materially).
 
 Time: median and min of several steps after warm-up, all configurations of a row group measured
 alternately in one run (the machine is shared; absolute times are noisy, ratios are not).
@@ -36,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from monai_iqt.engine.memory import SavedTensorTracker, parameter_storages
 from monai_iqt.networks import ESPCN_RN
 from monai_iqt.networks.espcn import HIDDEN_CHANNELS
 
@@ -48,67 +53,6 @@ MB = 1e6
 TARGET_MEMORY_RATIO_N4 = 0.20
 TARGET_FLATNESS_N32_VS_N2 = 1.10
 TARGET_TIME_RATIO_N8 = 1.35
-
-
-class SavedTensorTracker:
-    """Counts bytes of unique storages held by autograd's saved tensors, live and peak.
-
-    Use as a context manager around forward and backward. Storages in ``exclude`` (e.g. the
-    parameters) are not counted. Tensors saved while building graphs inside a backward pass
-    are seen as well (the hooks are thread-local state that autograd carries into backward).
-    """
-
-    def __init__(self, exclude: set[int] | None = None) -> None:
-        self.exclude = exclude or set()
-        self._refs: dict[int, list[int]] = {}  # storage pointer -> [nbytes, holders]
-        self.current = 0
-        self.peak = 0
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-
-    def _pack(self, tensor: torch.Tensor) -> object:
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key in self.exclude or storage.nbytes() == 0:
-            return tensor
-        entry = self._refs.get(key)
-        if entry is None:
-            entry = self._refs[key] = [storage.nbytes(), 0]
-            self.current += entry[0]
-            self.peak = max(self.peak, self.current)
-        entry[1] += 1
-        return _Held(self, key, tensor)
-
-    @staticmethod
-    def _unpack(packed: object) -> torch.Tensor:
-        return packed.tensor if isinstance(packed, _Held) else packed
-
-    def _release(self, key: int) -> None:
-        entry = self._refs[key]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.current -= entry[0]
-            del self._refs[key]
-
-    def __enter__(self) -> SavedTensorTracker:
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._hooks.__exit__(*exc)
-
-
-class _Held:
-    __slots__ = ("tracker", "key", "tensor")
-
-    def __init__(self, tracker: SavedTensorTracker, key: int, tensor: torch.Tensor) -> None:
-        self.tracker, self.key, self.tensor = tracker, key, tensor
-
-    def __del__(self) -> None:
-        self.tracker._release(self.key)
-
-
-def parameter_storages(model: nn.Module) -> set[int]:
-    return {p.untyped_storage().data_ptr() for p in model.parameters()}
 
 
 @dataclass
@@ -153,6 +97,11 @@ def make_batch(
     return x.to(device), y.to(device)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """The autocast dtype of ``--amp``: bfloat16 on CPU, float16 on CUDA."""
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
 def build(config: Config, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = ESPCN_RN(config.num_blocks, memory_efficient=config.memory_efficient).to(device)
@@ -166,21 +115,24 @@ def train_step(
     x: torch.Tensor,
     y: torch.Tensor,
     after_forward: Callable[[], None] | None = None,
+    amp: bool = False,
 ) -> None:
     optimizer.zero_grad(set_to_none=True)
-    loss = nn.functional.mse_loss(model(x), y)
+    with torch.autocast(x.device.type, dtype=autocast_dtype(x.device), enabled=amp):
+        prediction = model(x)
+    loss = nn.functional.mse_loss(prediction.float(), y)
     if after_forward is not None:
         after_forward()
     loss.backward()
     optimizer.step()
 
 
-def measure_saved(model: nn.Module, optimizer, x, y) -> tuple[float, float]:
+def measure_saved(model: nn.Module, optimizer, x, y, amp: bool = False) -> tuple[float, float]:
     """(peak, end-of-forward) MB held by autograd's saved tensors over one training step."""
     tracker = SavedTensorTracker(exclude=parameter_storages(model))
     end_of_forward = []
     with tracker:
-        train_step(model, optimizer, x, y, lambda: end_of_forward.append(tracker.current))
+        train_step(model, optimizer, x, y, lambda: end_of_forward.append(tracker.current), amp=amp)
     return tracker.peak / MB, end_of_forward[0] / MB
 
 
@@ -195,6 +147,7 @@ def time_alternating(
     y: torch.Tensor,
     steps: int,
     warmup: int,
+    amp: bool = False,
 ) -> None:
     """Time one step of each model in turn, ``steps`` rounds after ``warmup`` rounds."""
     device = x.device
@@ -202,14 +155,14 @@ def time_alternating(
         for result, model, optimizer in runs:
             _sync(device)
             start, start_cpu = time.perf_counter(), time.process_time()
-            train_step(model, optimizer, x, y)
+            train_step(model, optimizer, x, y, amp=amp)
             _sync(device)
             if round_index >= warmup:
                 result.times_s.append(time.perf_counter() - start)
                 result.cpu_times_s.append(time.process_time() - start_cpu)
 
 
-def rss_child(num_blocks: int, memory_efficient: bool, steps: int) -> float:
+def rss_child(num_blocks: int, memory_efficient: bool, steps: int, amp: bool = False) -> float:
     """In this (fresh) process: peak RSS of training steps above the RSS before them, in MB."""
     device = torch.device("cpu")
     model, optimizer = build(Config("", num_blocks, memory_efficient), device)
@@ -217,7 +170,7 @@ def rss_child(num_blocks: int, memory_efficient: bool, steps: int) -> float:
     before = _rss_bytes("VmRSS")
     _reset_peak_rss()
     for _ in range(steps):
-        train_step(model, optimizer, x, y)
+        train_step(model, optimizer, x, y, amp=amp)
     return (_rss_bytes("VmHWM") - before) / MB
 
 
@@ -234,7 +187,7 @@ def _reset_peak_rss() -> None:
         clear_refs.write("5")
 
 
-def measure_rss(config: Config, steps: int = 2) -> float | None:
+def measure_rss(config: Config, steps: int = 2, amp: bool = False) -> float | None:
     """Peak step RSS (MB) of a fresh process, or None where /proc is unavailable."""
     if not os.path.exists("/proc/self/clear_refs"):
         return None
@@ -242,7 +195,7 @@ def measure_rss(config: Config, steps: int = 2) -> float | None:
     code = (
         "import torch, sys; torch.set_num_threads(2);"
         "from monai_iqt.benchmark.memory import rss_child;"
-        f"print(rss_child({config.num_blocks}, {config.memory_efficient}, {steps}))"
+        f"print(rss_child({config.num_blocks}, {config.memory_efficient}, {steps}, {amp}))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
@@ -264,7 +217,12 @@ def _cuda_peak(result: Result, device: torch.device) -> Iterator[None]:
 
 
 def run_group(
-    configs: list[Config], device: torch.device, steps: int, warmup: int, rss: bool
+    configs: list[Config],
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    rss: bool,
+    amp: bool = False,
 ) -> list[Result]:
     """Memory of each configuration, then alternating times of all of them."""
     x, y = make_batch(device)
@@ -272,15 +230,15 @@ def run_group(
     for config in configs:
         result = Result(config.name, config.num_blocks, config.memory_efficient)
         model, optimizer = build(config, device)
-        train_step(model, optimizer, x, y)  # lazy initialisation (Adam state, oneDNN)
+        train_step(model, optimizer, x, y, amp=amp)  # lazy initialisation (Adam state, oneDNN)
         with _cuda_peak(result, device):
             result.saved_peak_mb, result.saved_end_of_forward_mb = measure_saved(
-                model, optimizer, x, y
+                model, optimizer, x, y, amp=amp
             )
         if rss and device.type == "cpu":
-            result.rss_step_mb = measure_rss(config)
+            result.rss_step_mb = measure_rss(config, amp=amp)
         runs.append((result, model, optimizer))
-    time_alternating(runs, x, y, steps=steps, warmup=warmup)
+    time_alternating(runs, x, y, steps=steps, warmup=warmup, amp=amp)
     return [result for result, _, _ in runs]
 
 
@@ -335,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m monai_iqt.benchmark memory", description=__doc__
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--amp",
+        action="store_true",
+        help="forward under autocast: bfloat16 on cpu, float16 on cuda",
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--quick", action="store_true", help="N in {0,2,4,8}, fewer steps")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
@@ -350,8 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     depths = QUICK_DEPTHS if args.quick else DEPTHS
     rss = not args.no_rss
 
+    precision = f"autocast {autocast_dtype(device)}" if args.amp else "float32"
     print(
-        f"batch {BATCH}, LR patch {PATCH}^3, one Adam step, device {device}, "
+        f"batch {BATCH}, LR patch {PATCH}^3, one Adam step, device {device}, {precision}, "
         f"{args.threads} threads, {steps} timed steps"
     )
     fig6 = run_group(
@@ -364,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         steps=steps,
         warmup=2,
         rss=rss,
+        amp=args.amp,
     )
     _print_table("Fig. 6: ESPCN vs ESPCN-RN4 (memory-efficient) vs ESPCN-RN4-Naive", fig6, device)
     espcn, rn4, naive = fig6
@@ -384,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         configs = [Config(name, depth, False)]
         if depth:
             configs.append(Config(name, depth, True))
-        for result in run_group(configs, device, steps=steps, warmup=1, rss=rss):
+        for result in run_group(configs, device, steps=steps, warmup=1, rss=rss, amp=args.amp):
             print(_row(result), flush=True)
             sweep.append(result)
 
@@ -427,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
 
         payload = {
             "device": str(device),
+            "amp": str(autocast_dtype(device)) if args.amp else None,
             "batch": BATCH,
             "patch": PATCH,
             "fig6": [_summary(r) for r in fig6],

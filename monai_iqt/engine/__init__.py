@@ -1,5 +1,7 @@
-"""Training engines: the memory-efficient reversible backward (Gomez et al. 2017, Alg. 1)."""
+"""Training engines: the memory-efficient reversible backward (Gomez et al. 2017, Alg. 1) and the
+autograd saved-tensor tracker that measures what it keeps."""
 
+from monai_iqt.engine.memory import SavedTensorTracker, parameter_storages
 from monai_iqt.engine.reversible import (
     ReversibleSegment,
     inversion_error,
@@ -7,4 +9,11 @@ from monai_iqt.engine.reversible import (
     running_stats_frozen,
 )
 
-__all__ = ["ReversibleSegment", "inversion_error", "run_segment", "running_stats_frozen"]
+__all__ = [
+    "ReversibleSegment",
+    "SavedTensorTracker",
+    "inversion_error",
+    "parameter_storages",
+    "run_segment",
+    "running_stats_frozen",
+]

@@ -25,7 +25,6 @@ from monai_iqt.engine.reversible import (
     ReversibleSegment,
     forward_halves,
     inverse_halves,
-    run_blocks,
     run_segment,
     running_stats_frozen,
 )
@@ -175,12 +174,8 @@ class ESPCN_RN(ESPCN):  # noqa: N801 - the paper's name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_network_input(x, self.in_channels, 2 * VALID_SHRINK + 1)
-        if self.memory_efficient and self.num_blocks > 0 and self._records_autograd(x):
-            a = x
-            for segment in self._segments:
-                a = run_segment(segment, a)
-        else:
-            a = run_blocks(self.stacks[0], x)
-            a = run_blocks(self.stacks[1], torch.relu(self.conv1(a)))
-            a = run_blocks(self.stacks[2], torch.relu(self.conv2(a)))
+        efficient = self.memory_efficient and self.num_blocks > 0 and self._records_autograd(x)
+        a = x
+        for segment in self._segments:
+            a = run_segment(segment, a) if efficient else segment(a)
         return self.shuffle(self.conv3(a))
