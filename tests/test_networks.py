@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -104,3 +106,25 @@ def test_bad_arguments() -> None:
         net(torch.randn(1, 4, 11, 11, 11))
     with pytest.raises(ValueError, match="at least 5 LR voxels"):
         net(torch.randn(1, 6, 4, 11, 11))
+
+
+def test_swapped_module_runs_in_both_modes() -> None:
+    """A module replaced after construction is the one both execution modes run."""
+    torch.manual_seed(0)
+    plain = ESPCN_RN(1, memory_efficient=False)
+    efficient = ESPCN_RN(1, memory_efficient=True)
+    efficient.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 6, 11, 11, 11)
+    before = efficient(x).detach()  # grad enabled: the memory-efficient path
+    new_conv = torch.nn.Conv3d(6, 50, kernel_size=3)
+    plain.conv1 = new_conv
+    efficient.conv1 = copy.deepcopy(new_conv)
+    outputs = []
+    for net in (plain, efficient):
+        x_grad = x.clone().requires_grad_()
+        out = net(x_grad)
+        out.square().mean().backward()
+        outputs.append((out.detach(), x_grad.grad, net.conv1.weight.grad))
+    assert not torch.allclose(outputs[1][0], before)
+    for got, expected in zip(outputs[1], outputs[0], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

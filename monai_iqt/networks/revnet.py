@@ -156,16 +156,23 @@ class ESPCN_RN(ESPCN):  # noqa: N801 - the paper's name
         self.stacks = nn.ModuleList(
             nn.ModuleList(RevBlock(width) for _ in range(num_blocks)) for width in widths
         )
-        # Engine views of (conv before the stack, stack); not submodules, so no state-dict keys.
-        convs = (None, self.conv1, self.conv2)
-        self._segments = tuple(
-            ReversibleSegment(conv, stack) for conv, stack in zip(convs, self.stacks, strict=True)
-        )
 
     @property
     def halo(self) -> int:
         """LR voxels on each side of an output voxel that it depends on: 2 + 6 N."""
         return receptive_halo(self.num_blocks)
+
+    def segments(self) -> tuple[ReversibleSegment, ...]:
+        """The three "(ESPCN convolution + ReLU,) reversible stack" views the forward runs.
+
+        Built from the current modules at every call (a few microseconds), so a swapped module
+        (``net.conv1 = fused_conv``, quantisation) is what both execution modes run. The views
+        are not submodules and add no state-dict keys.
+        """
+        convs = (None, self.conv1, self.conv2)
+        return tuple(
+            ReversibleSegment(conv, stack) for conv, stack in zip(convs, self.stacks, strict=True)
+        )
 
     def _records_autograd(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (
@@ -176,6 +183,6 @@ class ESPCN_RN(ESPCN):  # noqa: N801 - the paper's name
         check_network_input(x, self.in_channels, 2 * VALID_SHRINK + 1)
         efficient = self.memory_efficient and self.num_blocks > 0 and self._records_autograd(x)
         a = x
-        for segment in self._segments:
+        for segment in self.segments():
             a = run_segment(segment, a) if efficient else segment(a)
         return self.shuffle(self.conv3(a))
