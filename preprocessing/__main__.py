@@ -13,7 +13,7 @@ import sys
 from preprocessing.hcp import PreprocessingOptions, preprocess_hcp
 from preprocessing.io import InputError
 from preprocessing.synthetic import DEFAULT_SHAPE, write_synthetic_subjects
-from preprocessing.tensor_fit import B0_THRESHOLD, DEFAULT_BMAX
+from preprocessing.tensor_fit import B0_THRESHOLD, DEFAULT_BMAX, FIT_METHODS
 
 log = logging.getLogger("preprocessing")
 
@@ -32,8 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     hcp.add_argument("--factor", type=int, default=2, help="downsampling factor r (default 2)")
     hcp.add_argument("--bmax", type=float, default=DEFAULT_BMAX, help="fit volumes with b <= bmax")
     hcp.add_argument("--b0-threshold", type=float, default=B0_THRESHOLD, help="b below it is b0")
-    hcp.add_argument("--fit-method", default="WLS", help="DIPY TensorModel fit method")
+    hcp.add_argument(
+        "--fit-method", default="WLS", help=f"DIPY TensorModel fit method: {', '.join(FIT_METHODS)}"
+    )
     hcp.add_argument("--workers", type=int, default=1, help="subjects processed in parallel")
+    hcp.add_argument(
+        "--fit-workers",
+        type=int,
+        default=None,
+        help="threads fitting each subject's tensors (default: the cores divided among --workers)",
+    )
     hcp.add_argument("--overwrite", action="store_true", help="redo complete subjects")
     hcp.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -82,10 +90,7 @@ def _synthetic(args: argparse.Namespace) -> int:
 
 
 def _hcp(args: argparse.Namespace) -> int:
-    if args.factor < 1:
-        raise InputError(f"--factor must be a whole number >= 1, got {args.factor}.")
-    if args.workers < 1:
-        raise InputError(f"--workers must be at least 1, got {args.workers}.")
+    # Every setting, subject id and --out is checked by preprocess_hcp before any data are read.
     options = PreprocessingOptions(args.factor, args.bmax, args.b0_threshold, args.fit_method)
     summary = preprocess_hcp(
         args.hcp_root,
@@ -95,6 +100,7 @@ def _hcp(args: argparse.Namespace) -> int:
         args.workers,
         args.overwrite,
         progress=not args.no_progress,
+        fit_workers=args.fit_workers,
     )
     log.info(
         "%d done, %d skipped, %d failed",

@@ -4,36 +4,91 @@ Per subject: check every input (before anything is written), read only the volum
 b <= bmax from ``data.nii.gz`` one at a time through nibabel's dataobj, crop to a multiple of
 the factor, block-average the raw DWI, fit DTI (DIPY TensorModel, WLS) at both resolutions
 inside the masks, write ``dt_hr, dt_lr, mask_hr, mask_lr`` atomically, then
-``preprocessing.json`` last: a subject with that record is complete.
+``preprocessing.json`` last: a subject with that record is complete (``preprocessing.layout``).
+
+Tensors are expressed in the image's voxel axes: the FSL ``bvecs`` are converted to that frame
+from the image's affine (``preprocessing.gradients``), so Dxy and Dxz have the signs of the
+stored array's axes whether the data are stored LAS (HCP) or RAS.
+
+Safety: a run checks its settings, its subject ids, ``--out`` (a probe write) and every complete
+subject's recorded settings before any fit; a subject's output folder is locked
+(``<out>/.<id>.lock``, fcntl) while it is made, so a second run on the same ``--out`` waits for
+it and then skips the finished subject; temporaries carry their writer's pid and only those of
+ended processes are cleared.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import fcntl
 import importlib.metadata
 import logging
 import os
 import platform
 import time
-import zlib
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from preprocessing.downsample import block_mean, crop_volume, downsample_mask
 from preprocessing.geometry import crop_to_multiple, lr_affine_from_hr
-from preprocessing.io import TENSOR_ELEMENTS, InputError, load_nifti, save_nifti, write_json
+from preprocessing.gradients import read_gradient_table
+from preprocessing.io import (
+    TENSOR_ELEMENTS,
+    InputError,
+    check_fits_in_memory,
+    check_writable_folder,
+    describe_os_error,
+    load_nifti,
+    read_nifti,
+    remove_stale_temporaries,
+    save_nifti,
+    stack_volumes,
+    write_json,
+)
+from preprocessing.layout import (
+    DT_HR,
+    DT_LR,
+    MASK_HR,
+    MASK_LR,
+    OUTPUT_NAMES,
+    RECORD_NAME,
+    check_subject_ids,
+    is_complete,
+    read_record,
+)
 from preprocessing.tensor_fit import (
     B0_THRESHOLD,
+    CHUNK_VOXELS,
     DEFAULT_BMAX,
+    check_fit_method,
     count_non_positive_definite,
+    default_fit_workers,
     fit_dti,
 )
 
 log = logging.getLogger(__name__)
+
+# Names other modules take from here (the layout's names live in preprocessing.layout).
+__all__ = [
+    "DIFFUSION_SUBDIR",
+    "OUTPUT_NAMES",
+    "RECORD_NAME",
+    "PreprocessingOptions",
+    "RunSummary",
+    "find_hcp_subjects",
+    "load_subject_inputs",
+    "preprocess_hcp",
+    "preprocess_subject",
+    "read_gradient_table",
+    "subject_lock",
+]
 
 DIFFUSION_SUBDIR = Path("T1w") / "Diffusion"
 DATA_NAME, BVALS_NAME, BVECS_NAME, MASK_NAME = (
@@ -42,10 +97,19 @@ DATA_NAME, BVALS_NAME, BVECS_NAME, MASK_NAME = (
     "bvecs",
     "nodif_brain_mask.nii.gz",
 )
-OUTPUT_NAMES = ("dt_hr.nii.gz", "dt_lr.nii.gz", "mask_hr.nii.gz", "mask_lr.nii.gz")
-RECORD_NAME = "preprocessing.json"
-#: Tolerance on |bvec| - 1 for diffusion-weighted directions (FSL files carry ~4-6 decimals).
-UNIT_LENGTH_TOLERANCE = 1e-2
+
+#: Settings a preprocessed subject records; a dataset holds one value of each.
+#: (option field, command-line flag)
+RECORDED_SETTINGS = (
+    ("factor", "--factor"),
+    ("bmax", "--bmax"),
+    ("b0_threshold", "--b0-threshold"),
+    ("fit_method", "--fit-method"),
+)
+
+#: Bytes of DIPY working memory per fitted voxel and volume and fitting thread (float64 signal,
+#: weighted design matrix, its pinv and SVD factors), for the memory check before reading.
+FIT_BYTES_PER_VOXEL_VOLUME = 8 * 24
 
 
 @dataclass(frozen=True)
@@ -56,6 +120,12 @@ class PreprocessingOptions:
     bmax: float = DEFAULT_BMAX
     b0_threshold: float = B0_THRESHOLD
     fit_method: str = "WLS"
+
+    def checked(self) -> PreprocessingOptions:
+        """These options with the fit method checked against DIPY's (upper case); InputError."""
+        if int(self.factor) != self.factor or self.factor < 1:
+            raise InputError(f"--factor must be a whole number >= 1, got {self.factor}.")
+        return dataclasses.replace(self, fit_method=check_fit_method(self.fit_method))
 
 
 @dataclass
@@ -70,7 +140,7 @@ class SubjectInputs:
     data_shape: tuple[int, ...]
     affine: np.ndarray
     bvals: np.ndarray
-    bvecs: np.ndarray
+    bvecs: np.ndarray  # in the image's voxel frame (preprocessing.gradients)
     selected: np.ndarray  # volume indices with b <= bmax (b0 included), increasing
     mask: np.ndarray  # bool, full (uncropped) shape
 
@@ -87,30 +157,39 @@ class RunSummary:
 # --- input checks -----------------------------------------------------------------------------
 
 
-def find_subjects(hcp_root: str | os.PathLike) -> list[str]:
-    """Subject ids under ``hcp_root``: its non-hidden sub-folders, sorted."""
+def find_hcp_subjects(hcp_root: str | os.PathLike) -> list[str]:
+    """Subject ids under ``hcp_root``: its non-hidden sub-folders (and symlink loops, which then
+    fail with a sentence saying so), sorted."""
     root = Path(hcp_root)
-    if not root.is_dir():
-        raise InputError(f"HCP root {root} does not exist or is not a folder.")
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    _require(root, "HCP root {path} does not exist or is not a folder.", folder=True)
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if not p.name.startswith(".") and (p.is_dir() or _is_symlink_loop(p))
+    )
 
 
 def load_subject_inputs(
-    subject_dir: str | os.PathLike, options: PreprocessingOptions = PreprocessingOptions()
+    subject_dir: str | os.PathLike,
+    options: PreprocessingOptions = PreprocessingOptions(),
+    fit_workers: int = 1,
 ) -> SubjectInputs:
     """Check one HCP subject folder and read its gradients and mask; raise InputError if bad.
 
-    Reads only headers, the text files and the mask, so it is cheap; NaN/inf in the DWI are
+    Reads only headers, the text files and the mask, so it is cheap; a header claiming more
+    voxels than memory holds is refused here, before any volume is read. NaN/inf in the DWI are
     caught later, while the selected volumes are read.
     """
     subject_dir = Path(subject_dir)
-    if not subject_dir.is_dir():
-        raise InputError(f"Subject {subject_dir.name} not found: {subject_dir} does not exist.")
+    _require(
+        subject_dir,
+        f"Subject {subject_dir.name} not found: {{path}} does not exist.",
+        folder=True,
+    )
     folder = subject_dir / DIFFUSION_SUBDIR
     paths = [folder / name for name in (DATA_NAME, BVALS_NAME, BVECS_NAME, MASK_NAME)]
     for path in paths:
-        if not path.is_file():
-            raise InputError(f"{path} is missing.")
+        _require(path, "{path} is missing.")
     data_path, bvals_path, bvecs_path, mask_path = paths
 
     data_image = load_nifti(data_path)
@@ -121,8 +200,16 @@ def load_subject_inputs(
         )
     volumes = shape[3]
     bvals, bvecs = read_gradient_table(
-        bvals_path, bvecs_path, data_path, volumes, options.b0_threshold, options.bmax
+        bvals_path,
+        bvecs_path,
+        data_path,
+        volumes,
+        affine=data_image.affine,
+        b0_threshold=options.b0_threshold,
+        bmax=options.bmax,
     )
+    selected = np.flatnonzero((bvals < options.b0_threshold) | (bvals <= options.bmax))
+    _check_memory(data_image, data_path, selected.size, options.factor, fit_workers)
 
     mask_image = load_nifti(mask_path)
     if tuple(mask_image.shape) != shape[:3]:
@@ -130,7 +217,7 @@ def load_subject_inputs(
             f"{mask_path} has shape {tuple(mask_image.shape)} but {data_path.name} has spatial "
             f"shape {shape[:3]}."
         )
-    mask = np.asarray(mask_image.dataobj) > 0
+    mask = read_nifti(mask_path)[0] > 0
     cropped = crop_to_multiple(shape, options.factor)
     if min(cropped) == 0:
         raise InputError(
@@ -153,50 +240,63 @@ def load_subject_inputs(
         affine=data_image.affine,
         bvals=bvals,
         bvecs=bvecs,
-        selected=np.flatnonzero((bvals < options.b0_threshold) | (bvals <= options.bmax)),
+        selected=selected,
         mask=mask,
+    )
+
+
+def _check_memory(image, path: Path, count: int, factor: int, fit_workers: int) -> None:
+    """Refuse before reading when the HR and LR DWI, tensors, mask and fit would not fit."""
+    voxels = float(np.prod(image.shape[:3], dtype=np.float64))
+    lr_share = 1 + 1 / factor**3
+    grids = voxels * lr_share * (6 * 4 + 1)  # float32 tensors and a bool mask, HR and LR
+    fitting = fit_workers * CHUNK_VOXELS * count * FIT_BYTES_PER_VOXEL_VOLUME
+    check_fits_in_memory(
+        image,
+        path,
+        volumes=count,
+        working_bytes=int(voxels * count * 4 / factor**3 + grids + fitting),
     )
 
 
 def read_selected_volumes(inputs: SubjectInputs, factor: int) -> tuple[np.ndarray, np.ndarray]:
     """HR (cropped) and LR (block-mean) DWI of the selected volumes, as (X, Y, Z, N) float32 views.
 
-    Volumes are read one by one, in file order, through nibabel's dataobj with the file kept
-    open, so a gzipped 288-volume series is decompressed once and never held whole in memory.
+    Volumes are read one by one, in file order (``preprocessing.io.stack_volumes``), so a
+    gzipped 288-volume series is decompressed once and never held whole in memory.
     """
-    image = nib.load(inputs.data_path, keep_file_open=True)
-    hr_shape = crop_to_multiple(inputs.data_shape, factor)
-    lr_shape = tuple(n // factor for n in hr_shape)
-    count = inputs.selected.size
+    dwi_hr, dwi_lr = stack_volumes(
+        inputs.data_path,
+        inputs.selected,
+        [lambda volume: crop_volume(volume, factor), lambda volume: block_mean(volume, factor)],
+    )
     # Volume-major storage: each volume is one contiguous write; the fit sees a transpose.
-    dwi_hr = np.empty((count,) + hr_shape, dtype=np.float32)
-    dwi_lr = np.empty((count,) + lr_shape, dtype=np.float32)
-    try:
-        for position, volume_index in enumerate(inputs.selected):
-            volume = np.asarray(image.dataobj[..., int(volume_index)], dtype=np.float32)
-            volume = crop_volume(volume, factor)
-            if not np.isfinite(volume).all():
-                raise InputError(
-                    f"{inputs.data_path} volume {volume_index} contains NaN or inf values."
-                )
-            dwi_hr[position] = volume
-            dwi_lr[position] = block_mean(volume, factor)
-    except (OSError, EOFError, ValueError, zlib.error) as error:
-        if isinstance(error, InputError):
-            raise
-        raise InputError(f"{inputs.data_path} cannot be read: {error}.") from error
-    finally:
-        image.uncache()
-        del image
     return dwi_hr.transpose(1, 2, 3, 0), dwi_lr.transpose(1, 2, 3, 0)
 
 
+def _require(path: Path, missing: str, folder: bool = False) -> None:
+    """One sentence when ``path`` is missing (``missing`` with {path}) or a symlink loop."""
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise InputError(f"{path} is a symlink loop.") from error
+        raise InputError(missing.replace("{path}", str(path))) from error
+    if folder and not path.is_dir():
+        raise InputError(missing.replace("{path}", str(path)))
+    if not folder and not path.is_file():
+        raise InputError(missing.replace("{path}", str(path)))
+
+
+def _is_symlink_loop(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError as error:
+        return error.errno == errno.ELOOP
+    return False
+
+
 # --- one subject ------------------------------------------------------------------------------
-
-
-def is_complete(out_subject_dir: str | os.PathLike) -> bool:
-    """A subject is complete when its ``preprocessing.json`` (written last) exists."""
-    return (Path(out_subject_dir) / RECORD_NAME).is_file()
 
 
 def preprocess_subject(
@@ -204,17 +304,36 @@ def preprocess_subject(
     out_subject_dir: str | os.PathLike,
     options: PreprocessingOptions = PreprocessingOptions(),
     overwrite: bool = False,
+    fit_workers: int = 1,
 ) -> dict | None:
     """Preprocess one HCP subject folder into ``out_subject_dir``; returns the record written.
 
-    Returns None (and touches nothing) when the subject is already complete and not
-    ``overwrite``. Raises InputError, before writing anything, when an input is bad.
+    Returns None (and touches nothing) when the subject is already complete with the same
+    settings and not ``overwrite``; complete with other settings is an InputError. Raises
+    InputError, before writing anything, when an input is bad; a failed write (a full disk) is
+    one sentence too, and leaves no record. ``fit_workers`` threads fit the tensors.
     """
     started = time.perf_counter()
+    options = options.checked()
     out_subject_dir = Path(out_subject_dir)
     if is_complete(out_subject_dir) and not overwrite:
+        check_recorded_settings(out_subject_dir, options)
         return None
-    inputs = load_subject_inputs(subject_dir, options)
+    inputs = load_subject_inputs(subject_dir, options, fit_workers)
+    with subject_lock(out_subject_dir):
+        if is_complete(out_subject_dir) and not overwrite:  # another run finished it meanwhile
+            check_recorded_settings(out_subject_dir, options)
+            return None
+        return _make_subject(inputs, out_subject_dir, options, fit_workers, started)
+
+
+def _make_subject(
+    inputs: SubjectInputs,
+    out_subject_dir: Path,
+    options: PreprocessingOptions,
+    fit_workers: int,
+    started: float,
+) -> dict:
     factor = options.factor
     dwi_hr, dwi_lr = read_selected_volumes(inputs, factor)
     bvals = inputs.bvals[inputs.selected]
@@ -222,24 +341,14 @@ def preprocess_subject(
     mask_hr = crop_volume(inputs.mask, factor)
     mask_lr = downsample_mask(inputs.mask, factor).astype(bool)
 
-    dt_lr = fit_dti(dwi_lr, bvals, bvecs, mask_lr, options.b0_threshold, options.fit_method)
+    fit = {"b0_threshold": options.b0_threshold, "fit_method": options.fit_method}
+    dt_lr = fit_dti(dwi_lr, bvals, bvecs, mask_lr, workers=fit_workers, **fit)
     del dwi_lr
-    dt_hr = fit_dti(dwi_hr, bvals, bvecs, mask_hr, options.b0_threshold, options.fit_method)
+    dt_hr = fit_dti(dwi_hr, bvals, bvecs, mask_hr, workers=fit_workers, **fit)
     del dwi_hr
 
     hr_affine = np.asarray(inputs.affine, dtype=np.float64)
     lr_affine = lr_affine_from_hr(hr_affine, factor)
-    # From here on files are replaced: drop the old record first, so a crash never leaves a
-    # record next to a mix of old and new volumes; clear temporaries of interrupted runs.
-    out_subject_dir.mkdir(parents=True, exist_ok=True)
-    (out_subject_dir / RECORD_NAME).unlink(missing_ok=True)
-    for stale in out_subject_dir.glob(".*.tmp*"):
-        stale.unlink(missing_ok=True)
-    save_nifti(out_subject_dir / "dt_hr.nii.gz", dt_hr, hr_affine, np.float32)
-    save_nifti(out_subject_dir / "dt_lr.nii.gz", dt_lr, lr_affine, np.float32)
-    save_nifti(out_subject_dir / "mask_hr.nii.gz", mask_hr, hr_affine, np.uint8)
-    save_nifti(out_subject_dir / "mask_lr.nii.gz", mask_lr, lr_affine, np.uint8)
-
     rounded = np.round(inputs.bvals, -2)
     record = {
         "subject": inputs.subject_id,
@@ -253,6 +362,7 @@ def preprocess_subject(
         "options": asdict(options),
         "factor": factor,
         "fit_method": f"dipy.reconst.dti.TensorModel(fit_method={options.fit_method!r})",
+        "tensor_frame": "voxel axes of the image (FSL bvecs x negated for det(affine) > 0)",
         "shells_available": sorted({float(b) for b in rounded}),
         "shells_used": sorted({float(b) for b in rounded[inputs.selected]}),
         "volume_indices": inputs.selected.tolist(),
@@ -262,10 +372,87 @@ def preprocess_subject(
         "hr": _grid_record(dt_hr, mask_hr, hr_affine),
         "lr": _grid_record(dt_lr, mask_lr, lr_affine),
         "versions": _versions(),
-        "seconds": round(time.perf_counter() - started, 3),
     }
-    write_json(out_subject_dir / RECORD_NAME, record)
+    outputs = [
+        (DT_HR, dt_hr, hr_affine, np.float32),
+        (DT_LR, dt_lr, lr_affine, np.float32),
+        (MASK_HR, mask_hr, hr_affine, np.uint8),
+        (MASK_LR, mask_lr, lr_affine, np.uint8),
+    ]
+    # From here on files are replaced: drop the old record first, so a crash never leaves a
+    # record next to a mix of old and new volumes; clear temporaries of ended runs.
+    path = out_subject_dir
+    try:
+        out_subject_dir.mkdir(parents=True, exist_ok=True)
+        (out_subject_dir / RECORD_NAME).unlink(missing_ok=True)
+        remove_stale_temporaries(out_subject_dir)
+        for name, data, affine, dtype in outputs:
+            path = out_subject_dir / name
+            save_nifti(path, data, affine, dtype)
+        path = out_subject_dir / RECORD_NAME
+        record["seconds"] = round(time.perf_counter() - started, 3)
+        write_json(path, record)
+    except OSError as error:
+        raise InputError(
+            f"{path} cannot be written ({describe_os_error(error)}); the subject is left "
+            "incomplete (no record) and other subjects are untouched."
+        ) from error
     return record
+
+
+@contextmanager
+def subject_lock(out_subject_dir: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on a subject's output folder (``<out>/.<id>.lock``, fcntl.flock).
+
+    A second process making the same subject waits here until the first has finished (then it
+    finds the subject complete and skips it). The lock file is left in place: deleting it would
+    let a waiting process lock a file no longer on disk.
+    """
+    out_subject_dir = Path(out_subject_dir)
+    lock_path = out_subject_dir.parent / f".{out_subject_dir.name}.lock"
+    try:
+        out_subject_dir.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:
+        raise InputError(f"{lock_path} cannot be created ({describe_os_error(error)}).") from error
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info(
+                "%s: another process is making it; waiting for it (%s)",
+                out_subject_dir.name,
+                lock_path,
+            )
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield lock_path
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def check_recorded_settings(out_subject_dir: Path, options: PreprocessingOptions) -> None:
+    """One sentence (InputError) when a complete subject was made with other settings."""
+    record = read_record(out_subject_dir)
+    recorded = record.get("options", {})
+    wanted = asdict(options)
+    differences = []
+    for key, flag in RECORDED_SETTINGS:
+        old, new = recorded.get(key), wanted[key]
+        same = str(old).upper() == str(new).upper() if key == "fit_method" else _equal(old, new)
+        if not same:
+            differences.append(f"{flag} {old} (this run: {new})")
+    if differences:
+        raise InputError(
+            f"{out_subject_dir / RECORD_NAME} records other settings than this run's, "
+            f"{', '.join(differences)}: use another --out, or --overwrite to redo the subject."
+        )
+
+
+def _equal(old, new) -> bool:
+    try:
+        return float(old) == float(new)
+    except (TypeError, ValueError):
+        return False
 
 
 # --- many subjects ----------------------------------------------------------------------------
@@ -279,20 +466,39 @@ def preprocess_hcp(
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    fit_workers: int | None = None,
 ) -> RunSummary:
     """Preprocess subjects of ``hcp_root`` (all when ``subjects`` is None) into ``out/<id>/``.
 
-    A bad subject is recorded in ``RunSummary.failed`` and the others still run. Logs one line
-    per subject; shows a tqdm progress bar over subjects when ``progress``.
+    Before any subject is read: the options, the subject ids (plain folder names, each once),
+    the recorded settings of the complete subjects in ``out`` (one dataset, one setting) and a
+    probe write in ``out`` are checked (InputError). Then a bad subject is recorded in
+    ``RunSummary.failed`` and the others still run. ``workers`` subject processes run at once,
+    each fitting with ``fit_workers`` threads (default: the cores shared among the workers, so
+    that the cores are used once). Logs one line per subject; a tqdm bar when ``progress``.
     """
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    subject_ids = list(subjects) if subjects else find_subjects(hcp_root)
-    summary = RunSummary()
+    options = options.checked()
+    if workers < 1:
+        raise InputError(f"--workers must be at least 1, got {workers}.")
+    if fit_workers is not None and fit_workers < 1:
+        raise InputError(f"--fit-workers must be at least 1, got {fit_workers}.")
+    subject_ids = check_subject_ids(subjects) if subjects else find_hcp_subjects(hcp_root)
     if not subject_ids:
         raise InputError(f"HCP root {hcp_root} contains no subject folder.")
-    jobs = [(sid, Path(hcp_root) / sid, Path(out) / sid, options, overwrite) for sid in subject_ids]
+    out = Path(out)
+    _check_dataset_settings(out, subject_ids, options, overwrite)
+    check_writable_folder(out, "--out")
+    workers = min(workers, len(subject_ids))
+    if fit_workers is None:
+        fit_workers = default_fit_workers(workers)
+    summary = RunSummary()
+    jobs = [
+        (sid, Path(hcp_root) / sid, out / sid, options, overwrite, fit_workers)
+        for sid in subject_ids
+    ]
     bar = tqdm(total=len(jobs), unit="subject", disable=not progress, desc="preprocessing")
     with logging_redirect_tqdm():
         if workers <= 1:
@@ -311,17 +517,34 @@ def preprocess_hcp(
     return summary
 
 
-def _run_one(subject_id, subject_dir, out_subject_dir, options, overwrite):
+def _check_dataset_settings(
+    out: Path, subject_ids: list[str], options: PreprocessingOptions, overwrite: bool
+) -> None:
+    """Complete subjects this run keeps must carry this run's settings (one dataset, one setting).
+
+    With ``overwrite`` the listed subjects are redone, so only the others are compared.
+    """
+    try:
+        records = sorted(out.glob(f"*/{RECORD_NAME}"))
+    except OSError:  # an unusable --out is reported by the probe write
+        return
+    redone = set(subject_ids) if overwrite else set()
+    for record in records:
+        if record.parent.name not in redone:
+            check_recorded_settings(record.parent, options)
+
+
+def _run_one(subject_id, subject_dir, out_subject_dir, options, overwrite, fit_workers):
     """Worker: ("done"|"skipped"|"failed", subject id, detail). Never raises for bad input."""
     try:
-        record = preprocess_subject(subject_dir, out_subject_dir, options, overwrite)
+        record = preprocess_subject(subject_dir, out_subject_dir, options, overwrite, fit_workers)
     except InputError as error:
         return "failed", subject_id, str(error)
     except Exception as error:  # a bug or a system error: still let the other subjects run
         logging.getLogger(__name__).exception("subject %s crashed", subject_id)
         return "failed", subject_id, f"unexpected {type(error).__name__}: {error}"
     if record is None:
-        return "skipped", subject_id, f"{RECORD_NAME} exists (use --overwrite to redo)"
+        return "skipped", subject_id, f"{RECORD_NAME} exists with these settings"
     detail = (
         f"HR {tuple(record['hr']['shape'])} {record['hr']['mask_voxels']} brain voxels, "
         f"LR {tuple(record['lr']['shape'])}, non-positive-definite HR/LR "
@@ -344,91 +567,7 @@ def _record_outcome(outcome, summary: RunSummary) -> None:
         log.error("%s: FAILED: %s", subject_id, detail)
 
 
-def read_gradient_table(
-    bvals_path: str | os.PathLike,
-    bvecs_path: str | os.PathLike,
-    data_path: str | os.PathLike,
-    volumes: int,
-    b0_threshold: float = B0_THRESHOLD,
-    bmax: float = DEFAULT_BMAX,
-) -> tuple[np.ndarray, np.ndarray]:
-    """FSL bvals (N,) and bvecs (N, 3) checked for a DTI fit of ``data_path``'s N volumes.
-
-    One sentence (InputError) for: counts differing from the volumes, bvecs of the wrong shape or
-    not unit length (b0 rows aside), no b0 volume, fewer than 6 directions with b <= ``bmax``.
-    """
-    bvals_path, bvecs_path, data_name = Path(bvals_path), Path(bvecs_path), Path(data_path).name
-    bvals = _read_numbers(bvals_path).ravel()
-    if bvals.size != volumes:
-        raise InputError(
-            f"{bvals_path} has {bvals.size} b-values but {data_name} has {volumes} volumes."
-        )
-    bvecs = _read_bvecs(bvecs_path, volumes, data_name)
-    is_b0 = bvals < b0_threshold
-    lengths = np.linalg.norm(bvecs, axis=1)
-    bad = np.flatnonzero(~is_b0 & (np.abs(lengths - 1) > UNIT_LENGTH_TOLERANCE))
-    if bad.size:
-        raise InputError(
-            f"{bvecs_path} direction {bad[0]} has length {lengths[bad[0]]:.3g} "
-            f"(b={bvals[bad[0]]:g}), "
-            "but diffusion-weighted directions must be unit vectors."
-        )
-    if not is_b0.any():
-        raise InputError(
-            f"{bvals_path} has no b0 volume (b < {b0_threshold:g}); a tensor fit needs one."
-        )
-    in_shell = ~is_b0 & (bvals <= bmax)
-    directions = _distinct_directions(bvecs[in_shell])
-    if directions < 6:
-        raise InputError(
-            f"{bvals_path} has {directions} distinct directions with "
-            f"{b0_threshold:g} <= b <= {bmax:g}, but a tensor fit needs at least 6."
-        )
-    return bvals, bvecs
-
-
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def _read_numbers(path: Path) -> np.ndarray:
-    try:
-        values = np.loadtxt(path, dtype=np.float64, ndmin=2)
-    except ValueError as error:
-        raise InputError(f"{path} is not a table of numbers ({error}).") from error
-    if not np.isfinite(values).all():
-        raise InputError(f"{path} contains NaN or inf values.")
-    return values
-
-
-def _read_bvecs(path: Path, volumes: int, data_name: str) -> np.ndarray:
-    """FSL bvecs (3 rows x N columns; N rows x 3 columns also accepted) as (N, 3)."""
-    table = _read_numbers(path)
-    if table.shape[0] == 3 and table.shape[1] != 3:
-        bvecs = table.T
-    elif table.shape[1] == 3 and table.shape[0] != 3:
-        bvecs = table
-    elif table.shape == (3, 3):
-        bvecs = table.T
-    else:
-        raise InputError(
-            f"{path} has shape {table.shape}, but FSL bvecs need 3 rows (x, y, z) of one "
-            "column per volume."
-        )
-    if bvecs.shape[0] != volumes:
-        raise InputError(
-            f"{path} has {bvecs.shape[0]} directions but {data_name} has {volumes} volumes."
-        )
-    return bvecs
-
-
-def _distinct_directions(bvecs: np.ndarray) -> int:
-    """Directions counted once whatever their sign (g and -g give the same DTI measurement)."""
-    if len(bvecs) == 0:
-        return 0
-    unit = bvecs / np.linalg.norm(bvecs, axis=1, keepdims=True)
-    leading = unit[np.arange(len(unit)), np.argmax(np.abs(unit) > 1e-6, axis=1)]
-    canonical = unit * np.where(leading < 0, -1.0, 1.0)[:, None]
-    return len(np.unique(np.round(canonical, 3), axis=0))
 
 
 def _grid_record(tensors: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> dict:

@@ -6,11 +6,12 @@ Every NIfTI or JSON file the project writes goes through :func:`save_nifti` or
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,27 +37,115 @@ class InputError(ValueError):
     """Bad user input: the message is one sentence naming the file and the problem."""
 
 
+#: Temporary names are ``.<name>.<pid>.<random>.tmp<suffixes>``: unique per process, and the pid
+#: tells which temporaries a dead process left behind (see :func:`remove_stale_temporaries`).
+_TMP_MARK = ".tmp"
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` on success, delete it on error.
 
     The one way this project writes files: a crash never leaves a truncated file under the final
-    name, and an existing file stays intact until the new one is complete.
+    name, and an existing file stays intact until the new one is complete. The temporary file is
+    fsynced before the rename and the folder after it, so a power loss leaves either the old or
+    the new file, complete. Files get the usual umask permissions.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)  # keep ".nii.gz" so nibabel compresses
     fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent
+        prefix=f".{path.name}.{os.getpid()}.", suffix=f"{_TMP_MARK}{suffix}", dir=path.parent
     )
     os.close(fd)
     os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
     try:
         yield Path(tmp_name)
+        _fsync_path(tmp_name)
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+    _fsync_path(path.parent)
+
+
+def _fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's data and metadata to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporaries of :func:`atomic_path` in ``folder`` whose writing process has ended.
+
+    Temporaries of live processes (another run writing here) are left alone.
+    """
+    removed = []
+    for candidate in Path(folder).glob(f".*{_TMP_MARK}*"):
+        pid = _writer_pid(candidate.name)
+        if pid is not None and pid != os.getpid() and _process_alive(pid):
+            continue
+        candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    return removed
+
+
+def _writer_pid(name: str) -> int | None:
+    """The pid in ``.<name>.<pid>.<random>.tmp<suffixes>`` (None for other names)."""
+    parts = name.split(".")
+    for index in range(len(parts) - 1, 2, -1):
+        if parts[index] == _TMP_MARK[1:] and parts[index - 2].isdigit():
+            return int(parts[index - 2])
+    return None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def check_writable_folder(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Prove ``folder`` can be made and written before any compute, without creating it.
+
+    One byte is written, fsynced and removed in the nearest folder that exists, so a read-only,
+    full or missing-parent location is one sentence (InputError) instead of a late failure.
+    """
+    folder = Path(folder)
+    existing = folder.absolute()
+    try:
+        while not os.path.lexists(existing) and existing != existing.parent:
+            existing = existing.parent
+        os.stat(existing)
+    except OSError as error:
+        raise InputError(f"{what} {folder} is not usable: {describe_os_error(error)}.") from error
+    if not existing.is_dir():
+        raise InputError(f"{what} {folder} is not writable: {existing} is not a folder.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=existing)
+        try:
+            os.write(fd, b"\0")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as error:
+        raise InputError(f"{what} {folder} is not writable: {describe_os_error(error)}.") from error
+    return folder
+
+
+def describe_os_error(error: OSError) -> str:
+    """A short reason for an OSError ("No space left on device", "is a symlink loop", ...)."""
+    if error.errno == errno.ELOOP:
+        return "it is a symlink loop"
+    return (error.strerror or str(error)).rstrip(".")
 
 
 def save_nifti(
@@ -111,6 +200,136 @@ def check_finite(path: str | os.PathLike, data: np.ndarray) -> None:
     bad = int(np.count_nonzero(~np.isfinite(data)))
     if bad:
         raise InputError(f"{path} contains {bad} NaN or infinite values.")
+
+
+def available_memory_bytes() -> int:
+    """Memory this process can still take without swapping: the kernel's MemAvailable (or the
+    free pages where /proc/meminfo is absent), capped by a cgroup (container) limit if any."""
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/meminfo") as stream:
+            for line in stream:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
+        if limit.isdigit() and used.isdigit():
+            available = min(available, int(limit) - int(used))
+    except OSError:
+        pass
+    return max(int(available), 0)
+
+
+def check_fits_in_memory(
+    image: nib.Nifti1Image,
+    path: str | os.PathLike,
+    volumes: int | None = None,
+    bytes_per_value: int = 4,
+    working_bytes: int = 0,
+) -> int:
+    """One sentence (InputError) before reading, when ``image``'s header claims more data than fits.
+
+    Needed: ``volumes`` (default all) volumes of the header's spatial shape at ``bytes_per_value``
+    (float32: 4) plus ``working_bytes`` (the caller's other arrays), against
+    :func:`available_memory_bytes`. Returns the bytes needed.
+    """
+    shape = tuple(int(n) for n in image.shape)
+    spatial = shape[:3]
+    count = volumes if volumes is not None else (int(np.prod(shape[3:])) if len(shape) > 3 else 1)
+    needed = int(np.prod(spatial, dtype=np.float64) * count * bytes_per_value) + int(working_bytes)
+    available = available_memory_bytes()
+    if needed > available:
+        raise InputError(
+            f"{path} has shape {shape}: reading {count} volume(s) of it needs "
+            f"{needed / 1e9:.1f} GB of memory but only {available / 1e9:.1f} GB are available."
+        )
+    return needed
+
+
+def read_volumes(
+    path_or_image: str | os.PathLike | nib.Nifti1Image,
+    indices: Sequence[int] | np.ndarray,
+    dtype: type | np.dtype = np.float32,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
+    """Volumes ``indices`` of a 4D NIfTI as an (X, Y, Z, len(indices)) array, read one at a time.
+
+    Each volume is read through nibabel's dataobj (scaling such as ``scl_slope`` applied) with
+    the file kept open, in increasing file order, so a gzipped series is decompressed once and
+    never held whole: memory is the output plus one volume. ``transform`` (e.g. a crop) is applied
+    to each volume before it is stored. The result is a transposed view of volume-major storage.
+    NaN/inf values, a truncated or unreadable file: one sentence naming the file and volume.
+    """
+    (stack,) = stack_volumes(path_or_image, indices, [transform or _identity], dtype)
+    return np.moveaxis(stack, 0, -1)
+
+
+def _identity(volume: np.ndarray) -> np.ndarray:
+    return volume
+
+
+def iter_volumes(
+    path_or_image: str | os.PathLike | nib.Nifti1Image,
+    indices: Sequence[int] | np.ndarray,
+    dtype: type | np.dtype = np.float32,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, volume) pairs of a 4D NIfTI, read one by one in increasing file order.
+
+    Volumes are checked for NaN/inf; a truncated or unreadable file is one sentence naming it.
+    """
+    image, path = path_or_image, getattr(path_or_image, "get_filename", lambda: None)()
+    if not isinstance(image, nib.spatialimages.SpatialImage) or path is not None:
+        # Reopen with the file kept open: a gzipped series is then decompressed once.
+        path = path_or_image if path is None else path
+        try:
+            image = nib.load(path, keep_file_open=True)
+        except Exception as error:  # nibabel raises several types for unreadable files
+            raise InputError(f"{path} cannot be read as NIfTI ({error}).") from error
+    else:
+        path = "the image"
+    if len(image.shape) != 4:
+        raise InputError(f"{path} has shape {tuple(image.shape)}, but a 4D series is needed.")
+    order = np.argsort(np.asarray(indices, dtype=np.int64), kind="stable")
+    try:
+        for position in order:
+            index = int(np.asarray(indices)[position])
+            volume = np.asarray(image.dataobj[..., index], dtype=dtype)
+            if not np.isfinite(volume).all():
+                raise InputError(f"{path} volume {index} contains NaN or inf values.")
+            yield int(position), volume
+    except InputError:
+        raise
+    except (OSError, EOFError, ValueError, zlib.error) as error:
+        raise InputError(f"{path} cannot be read: {error}.") from error
+    finally:
+        image.uncache()
+
+
+def stack_volumes(
+    path_or_image: str | os.PathLike | nib.Nifti1Image,
+    indices: Sequence[int] | np.ndarray,
+    transforms: Sequence[Callable[[np.ndarray], np.ndarray]],
+    dtype: type | np.dtype = np.float32,
+) -> list[np.ndarray]:
+    """One volume-major (len(indices), ...) array per transform of each volume, in one pass.
+
+    E.g. the cropped HR volume and its LR block mean, from one decompression of the file.
+    """
+    count = len(indices)
+    if count == 0:
+        raise ValueError("no volume indices given")
+    outputs: list[np.ndarray | None] = [None] * len(transforms)
+    for position, volume in iter_volumes(path_or_image, indices, dtype):
+        for k, transform in enumerate(transforms):
+            result = transform(volume)
+            if outputs[k] is None:
+                outputs[k] = np.empty((count,) + result.shape, dtype=result.dtype)
+            outputs[k][position] = result
+    return outputs  # type: ignore[return-value]
 
 
 def _jsonable(value: Any) -> Any:

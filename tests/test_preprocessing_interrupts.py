@@ -13,7 +13,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from preprocessing.hcp import OUTPUT_NAMES, RECORD_NAME, PreprocessingOptions, preprocess_hcp
+from preprocessing.hcp import PreprocessingOptions, preprocess_hcp
+from preprocessing.layout import OUTPUT_NAMES, RECORD_NAME
 from preprocessing.synthetic import write_synthetic_subject
 
 
@@ -79,7 +80,10 @@ def test_crash_mid_subject_leaves_no_record_and_rerun_finishes(two_subjects, tmp
     blocker.mkdir(parents=True)
     summary = preprocess_hcp(two_subjects, out, progress=False)
     assert summary.done == ["a_small"]
-    assert "IsADirectoryError" in summary.failed["b_medium"]
+    assert summary.failed["b_medium"] == (
+        f"{blocker} cannot be written (Is a directory); the subject is left incomplete "
+        "(no record) and other subjects are untouched."
+    )
     assert not (out / "b_medium" / RECORD_NAME).exists()
     assert not [p for p in (out / "b_medium").iterdir() if p.name.startswith(".")]
     _assert_complete_niftis_only(out / "b_medium")
