@@ -1,11 +1,13 @@
-"""Evaluate a trained model and interpolation baselines on preprocessed test subjects.
+"""Evaluate trained models and interpolation baselines on preprocessed test subjects.
 
-Per subject (``<dataset_dir>/<id>/{dt_lr,dt_hr,mask_lr,mask_hr}.nii.gz``, as written by
-``python -m preprocessing``): predict the HR tensor from ``dt_lr`` by sliding-window inference,
+Per subject (found by ``preprocessing.layout.find_subjects``, read by
+``monai_iqt.data.subjects.load_subject``): predict the HR tensor from ``dt_lr`` with every model,
 interpolate ``dt_lr`` (nearest, trilinear, cubic B-spline), and compute RMSE against ``dt_hr`` in
-the interior, exterior and whole brain (:mod:`monai_iqt.metrics`). Writes ``metrics.csv``
-(subject x method), ``summary.md`` (mean +- std per method, laid out like the paper's Fig. 4
-table, plus a Wilcoxon signed-rank test), ``summary.json`` and PNG figures.
+the interior, exterior and whole brain (:mod:`monai_iqt.metrics`). A model that also returns a
+standard deviation per element gets ``coverage_1sigma``, ``coverage_2sigma`` and
+``spearman_sigma_error``. :func:`evaluate` returns one row per (subject, model) and, given an
+output folder, writes ``metrics.csv``, ``summary.md`` (mean ± std per model in the layout of the
+paper's Fig. 4, plus a Wilcoxon signed-rank test), ``summary.json`` and PNG figures.
 """
 
 from __future__ import annotations
@@ -15,49 +17,82 @@ import io
 import logging
 import math
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 from scipy import stats as scipy_stats
 
 from monai_iqt import figures
-from monai_iqt.inference import DEFAULT_ROI_SIZE, WholeBrainInferer, check_output_dir, make_inferer
+from monai_iqt.bundle import as_bool, exit_on_bad_input
+from monai_iqt.data.subjects import Subject, inspect_subject, load_subject
+from monai_iqt.inference import DEFAULT_ROI_SIZE, check_output_dir, make_inferer
 from monai_iqt.maps import tensor_maps
-from monai_iqt.metrics import BASELINE_ORDERS, REGIONS, interior_mask, interpolate_lr, region_rmse
-from monai_iqt.training.handlers import as_bool
-from preprocessing.io import InputError, read_nifti, write_json, write_text
+from monai_iqt.metrics import (
+    BASELINE_ORDERS,
+    REGIONS,
+    calibration_curve,
+    interior_mask,
+    interpolate_lr,
+    region_rmse,
+    uncertainty_metrics,
+    voxel_rms,
+)
+from preprocessing.io import InputError, write_json, write_text
+from preprocessing.layout import DT_HR, DT_LR, MASK_HR, MASK_LR, find_subjects
 
 log = logging.getLogger(__name__)
-
-SUBJECT_FILES = ("dt_lr", "dt_hr", "mask_lr", "mask_hr")
 
 #: Method names of the interpolation baselines, as they appear in the tables.
 BASELINE_NAMES = {"nearest": "nearest", "trilinear": "trilinear", "cubic": "cubic B-spline"}
 
-_PREPROCESS_HINT = (
-    "make them with `python -m preprocessing synthetic --out demo/hcp --subjects 4 --seed 0` "
-    "then `python -m preprocessing hcp --hcp-root demo/hcp --out demo/preprocessed`"
+#: Columns of ``metrics.csv``, one row per (subject, model); RMSE in 1e-5 mm^2/s. ``depth``
+#: (reversible blocks per stack) and ``tvs`` (training subjects) are empty for baselines; the
+#: uncertainty columns are empty for models that predict no standard deviation.
+COLUMNS = (
+    "subject",
+    "model",
+    "depth",
+    "tvs",
+    *REGIONS,
+    "voxels_interior",
+    "voxels_exterior",
+    "coverage_1sigma",
+    "coverage_2sigma",
+    "spearman_sigma_error",
 )
+UNCERTAINTY_COLUMNS = COLUMNS[-3:]
+
+EVALUATION_FILES = (DT_LR, DT_HR, MASK_LR, MASK_HR)
+
+
+class Model(Protocol):
+    """What evaluation needs of a model: an HR prediction from an LR tensor volume.
+
+    ``model(dt_lr, brain_lr)`` takes (X, Y, Z, 6) mm^2/s and the LR voxels to predict, and returns
+    the HR tensor (rX, rY, rZ, 6) in mm^2/s, or ``(mean, std)`` with the predictive standard
+    deviation per element (same shape and units). ``upscale_factor`` is r; ``stats.extra``
+    (the model's ``normalisation.json``) gives its depth and training subjects when present.
+    """
+
+    upscale_factor: int
+
+    def __call__(self, dt_lr: np.ndarray, brain_lr: np.ndarray) -> Any: ...
 
 
 @dataclass
-class Subject:
-    """One preprocessed test subject, loaded."""
+class Prediction:
+    """An HR prediction (rX, rY, rZ, 6) in mm^2/s, with its standard deviation when predicted."""
 
-    name: str
-    dt_lr: np.ndarray
-    dt_hr: np.ndarray
-    mask_lr: np.ndarray
-    mask_hr: np.ndarray
-    factor: int
+    mean: np.ndarray
+    std: np.ndarray | None = None
 
 
 @dataclass
 class EvaluationResult:
-    """RMSE per (subject, method, region), the Wilcoxon test and the files written."""
+    """Rows per (subject, model), the Wilcoxon test and the files written."""
 
     rows: list[dict] = field(default_factory=list)
     wilcoxon: dict = field(default_factory=dict)
@@ -70,57 +105,16 @@ def model_label(num_blocks: int) -> str:
     return "ESPCN" if int(num_blocks) == 0 else f"ESPCN-RN{int(num_blocks)}"
 
 
-def find_subjects(
-    dataset_dir: str | os.PathLike, subjects: Sequence[str] | None = None
-) -> list[Path]:
-    """Subject folders to evaluate; one clear sentence if the dataset or a subject is missing."""
-    dataset_dir = Path(dataset_dir)
-    if not dataset_dir.is_dir():
-        raise InputError(f"dataset folder {dataset_dir} does not exist: {_PREPROCESS_HINT}")
-    if isinstance(subjects, str | int):  # "--subjects 100307" on the command line
-        subjects = [str(subjects)]
-    if subjects:
-        folders = [dataset_dir / str(name) for name in subjects]
-        for folder in folders:
-            missing = [n for n in SUBJECT_FILES if not (folder / f"{n}.nii.gz").is_file()]
-            if missing:
-                raise InputError(
-                    f"subject {folder.name} in {dataset_dir} lacks {', '.join(missing)} (.nii.gz)"
-                )
-        return folders
-    folders = sorted(
-        p
-        for p in dataset_dir.iterdir()
-        if all((p / f"{n}.nii.gz").is_file() for n in SUBJECT_FILES)
-    )
-    if not folders:
-        raise InputError(f"{dataset_dir} holds no preprocessed subject: {_PREPROCESS_HINT}")
-    return folders
-
-
-def load_subject(folder: Path) -> tuple[Subject, np.ndarray]:
-    """Load and check one subject; returns it and the LR affine."""
-    dt_lr, lr_affine = read_nifti(folder / "dt_lr.nii.gz", np.float32)
-    dt_hr, _ = read_nifti(folder / "dt_hr.nii.gz", np.float32)
-    mask_lr = read_nifti(folder / "mask_lr.nii.gz")[0] > 0
-    mask_hr = read_nifti(folder / "mask_hr.nii.gz")[0] > 0
-    if dt_lr.ndim != 4 or dt_lr.shape[3] != 6 or dt_hr.ndim != 4 or dt_hr.shape[3] != 6:
-        raise InputError(
-            f"{folder}: dt_lr {dt_lr.shape} and dt_hr {dt_hr.shape} must be (X, Y, Z, 6)"
-        )
-    ratios = {dt_hr.shape[i] / dt_lr.shape[i] for i in range(3)}
-    if len(ratios) != 1 or not float(next(iter(ratios))).is_integer():
-        raise InputError(
-            f"{folder}: dt_hr shape {dt_hr.shape[:3]} is not a whole multiple of dt_lr "
-            f"shape {dt_lr.shape[:3]}"
-        )
-    if mask_lr.shape != dt_lr.shape[:3] or mask_hr.shape != dt_hr.shape[:3]:
-        raise InputError(f"{folder}: mask shapes differ from the tensor volumes")
-    for name, data in (("dt_lr", dt_lr), ("dt_hr", dt_hr)):
-        if not np.isfinite(data).all():
-            raise InputError(f"{folder / name}.nii.gz contains NaN or infinite values")
-    subject = Subject(folder.name, dt_lr, dt_hr, mask_lr, mask_hr, int(next(iter(ratios))))
-    return subject, lr_affine
+def model_facts(model: Model) -> dict[str, Any]:
+    """Depth, training-set size and training subjects recorded with a model's weights."""
+    extra = getattr(getattr(model, "stats", None), "extra", None) or {}
+    trained = [str(s) for s in extra.get("training_subjects") or []]
+    depth = extra.get("num_blocks")
+    return {
+        "depth": None if depth is None else int(depth),
+        "tvs": len(trained) if trained else None,
+        "training_subjects": trained,
+    }
 
 
 def lr_brain_region(mask_hr: np.ndarray, factor: int) -> np.ndarray:
@@ -132,31 +126,309 @@ def lr_brain_region(mask_hr: np.ndarray, factor: int) -> np.ndarray:
     return blocks.any(axis=(1, 3, 5))
 
 
+def as_prediction(output: Any, name: str) -> Prediction:
+    """A model's output as a :class:`Prediction`: an array, ``(mean, std)``, or a mapping with
+    ``dt_hr`` and optionally ``dt_hr_std`` (the inference output names)."""
+    if isinstance(output, Prediction):
+        return output
+    if isinstance(output, Mapping):
+        return Prediction(np.asarray(output["dt_hr"]), _optional(output.get("dt_hr_std")))
+    if isinstance(output, tuple | list):
+        if len(output) != 2:
+            raise ValueError(f"model {name} returned {len(output)} volumes, not (mean, std)")
+        return Prediction(np.asarray(output[0]), _optional(output[1]))
+    return Prediction(np.asarray(output))
+
+
+def _optional(volume: Any) -> np.ndarray | None:
+    return None if volume is None else np.asarray(volume)
+
+
 def predict_subject(
-    subject: Subject, inferers: Mapping[str, WholeBrainInferer], methods: Sequence[str]
-) -> dict[str, np.ndarray]:
+    subject: Subject, models: Mapping[str, Model], methods: Sequence[str]
+) -> dict[str, Prediction]:
     """HR predictions of every model and baseline for one subject."""
     predictions = {}
-    region = lr_brain_region(subject.mask_hr, subject.factor)
-    for name, inferer in inferers.items():
-        if inferer.upscale_factor != subject.factor:
+    region = lr_brain_region(subject.mask_hr, subject.upscale_factor)
+    for name, model in models.items():
+        factor = getattr(model, "upscale_factor", subject.upscale_factor)
+        if int(factor) != subject.upscale_factor:
             raise InputError(
-                f"subject {subject.name} is downsampled by {subject.factor} but model {name} "
-                f"upsamples by {inferer.upscale_factor}"
+                f"subject {subject.name} is downsampled by {subject.upscale_factor} but model "
+                f"{name} upsamples by {factor}."
             )
-        predictions[name] = inferer(subject.dt_lr, region)
+        predictions[name] = as_prediction(model(subject.dt_lr, region), name)
     for method in methods:
-        predictions[BASELINE_NAMES[method]] = interpolate_lr(
-            subject.dt_lr, subject.dt_hr.shape, subject.factor, method
+        predictions[BASELINE_NAMES[method]] = Prediction(
+            interpolate_lr(subject.dt_lr, subject.upscale_factor, method)
         )
     return predictions
 
 
+def select_subjects(
+    dataset_dir: str | os.PathLike, subjects: Any, training_subjects: Sequence[str] = ()
+) -> list[Path]:
+    """The subjects to evaluate, as folders.
+
+    Named ``subjects`` are taken as given (a warning names those the models were trained on).
+    Without names: every preprocessed subject of ``dataset_dir`` the models were not trained on;
+    a held-out subject lacking a file evaluation needs (e.g. ``dt_hr``) is named in a warning,
+    or in the error when no held-out subject is complete.
+    """
+    trained = set(training_subjects)
+    if subjects is not None and not (isinstance(subjects, list | tuple) and not subjects):
+        folders = find_subjects(dataset_dir, subjects, require=EVALUATION_FILES)
+        used = [f.name for f in folders if f.name in trained]
+        if used:
+            log.warning(
+                "subjects %s were used to train the model: their RMSE does not measure "
+                "generalisation",
+                ", ".join(used),
+            )
+        return folders
+    candidates = find_subjects(dataset_dir, require=())
+    held_out = [f for f in candidates if f.name not in trained]
+    if not held_out:
+        raise InputError(
+            f"every subject in {dataset_dir} was used to train the model; pass --subjects to "
+            "evaluate training subjects anyway."
+        )
+    lacking = {f.name: [n for n in EVALUATION_FILES if not (f / n).is_file()] for f in held_out}
+    lacking = {name: missing for name, missing in lacking.items() if missing}
+    described = "; ".join(f"{name} has no {', '.join(m)}" for name, m in lacking.items())
+    complete = [f for f in held_out if f.name not in lacking]
+    if not complete:
+        raise InputError(
+            f"no held-out subject of {dataset_dir} can be evaluated ({described}): evaluation "
+            f"compares predictions with {DT_HR}, the HR ground truth."
+        )
+    if lacking:
+        log.warning("held-out subjects left out of the evaluation: %s", described)
+    return complete
+
+
+def _mean_std(values: list[float | None], digits: int = 2) -> str:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} (± {np.std(values, ddof=1):.{digits}f})"
+
+
+def summary_table(rows: list[dict], models: Sequence[str]) -> str:
+    """Markdown table in the layout of the paper's Fig. 4: mean (± std) RMSE per model."""
+    lines = [
+        "| Model | Subjects (TVS) | Test subjects | RMSE Interior | RMSE Exterior | RMSE Total |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model in models:
+        mine = [r for r in rows if r["model"] == model]
+        tvs = mine[0]["tvs"] if mine and mine[0]["tvs"] is not None else "–"
+        cells = [_mean_std([r[region] for r in mine]) for region in REGIONS]
+        lines.append(f"| {model} | {tvs} | {len(mine)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def uncertainty_table(rows: list[dict], models: Sequence[str]) -> str:
+    """Markdown table of coverage and rank correlation, mean (± std) over test subjects."""
+    lines = [
+        "| Model | Coverage 1σ | Coverage 2σ | Spearman σ vs error |",
+        "|---|---|---|---|",
+    ]
+    for model in models:
+        mine = [r for r in rows if r["model"] == model]
+        cells = [_mean_std([r[c] for r in mine], digits=3) for c in UNCERTAINTY_COLUMNS]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> Path:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS))
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(path, buffer.getvalue())
+
+
+def _central_slice(mask_hr: np.ndarray) -> int:
+    return int(np.round(np.nonzero(mask_hr.any(axis=(0, 1)))[0].mean()))
+
+
+def _figures(
+    subject: Subject, predictions: Mapping[str, Prediction], model: str | None, out: Path
+) -> dict[str, Path]:
+    """Fig. 5-like MD panel, colour-FA and error maps at the brain's central axial slice, and
+    the error beside the uncertainty of the first model that predicts one."""
+    z = _central_slice(subject.mask_hr)
+    affine = subject.header.hr_affine
+    preferred = [name for name in (model, BASELINE_NAMES["cubic"]) if name in predictions]
+    shown = preferred or list(predictions)[:1]  # e.g. baselines only, without cubic
+    maps = {"ground truth": tensor_maps(subject.dt_hr, subject.mask_hr)}
+    maps.update({name: tensor_maps(predictions[name].mean, subject.mask_hr) for name in shown})
+    md_lr = tensor_maps(subject.dt_lr, subject.mask_lr)["md"]
+    errors = {
+        name: voxel_rms(predictions[name].mean - subject.dt_hr) * subject.mask_hr for name in shown
+    }
+    title = f"subject {subject.name}, axial slice z={z}"
+    files = {
+        "md": figures.md_figure(
+            md_lr,
+            {k: v["md"] for k, v in maps.items()},
+            z,
+            subject.upscale_factor,
+            affine,
+            out / "md_axial.png",
+            title,
+        ),
+        "colour_fa": figures.colour_fa_figure(
+            {k: v["colour_fa"] for k, v in maps.items()},
+            z,
+            affine,
+            out / "colour_fa_axial.png",
+            title,
+        ),
+        "error": figures.error_figure(errors, z, affine, out / "abs_error_axial.png", title),
+    }
+    uncertain = next((n for n, p in predictions.items() if p.std is not None), None)
+    if uncertain is not None:
+        error = errors.get(uncertain)
+        if error is None:
+            error = voxel_rms(predictions[uncertain].mean - subject.dt_hr) * subject.mask_hr
+        files["uncertainty"] = figures.uncertainty_figure(
+            error,
+            voxel_rms(predictions[uncertain].std) * subject.mask_hr,
+            z,
+            affine,
+            out / "uncertainty_axial.png",
+            f"{uncertain}, {title}",
+        )
+    return files
+
+
+def evaluate(
+    dataset_dir: str | os.PathLike,
+    output_dir: str | os.PathLike | None = None,
+    inferers: Mapping[str, Model] | None = None,
+    subjects: Sequence[str] | None = None,
+    methods: Sequence[str] = ("nearest", "trilinear", "cubic"),
+    interior_radius: int = 2,
+    compare: Sequence[str] | None = None,
+    figure_subject: str | None = None,
+) -> EvaluationResult:
+    """Evaluate models and baselines on held-out subjects; rows per (subject, model).
+
+    Args:
+        dataset_dir: preprocessed subjects (``python -m preprocessing hcp`` output).
+        output_dir: where ``metrics.csv``, ``summary.md``/``.json`` and the figures go; ``None``
+            writes nothing (the rows are in the result).
+        inferers: models by display name, e.g. ``{"ESPCN": a, "ESPCN-RN2": b}`` (see
+            :class:`Model`); none = baselines only.
+        subjects: subject ids; default: every subject none of the models was trained on.
+        methods: interpolation baselines among nearest, trilinear, cubic.
+        interior_radius: LR neighbourhood radius defining the interior (DESIGN.md: 2).
+        compare: two model names for the Wilcoxon test (default: first model vs cubic B-spline).
+        figure_subject: subject shown in the figures (default: the first).
+    """
+    models = dict(inferers or {})
+    unknown = [m for m in methods if m not in BASELINE_ORDERS]
+    if unknown:
+        raise InputError(
+            f"unknown baseline {unknown[0]!r}: choose among {sorted(BASELINE_ORDERS)}."
+        )
+    names = list(models) + [BASELINE_NAMES[m] for m in methods]
+    if compare is None:
+        compare = (
+            (names[0], BASELINE_NAMES["cubic"]) if models and "cubic" in methods else names[:2]
+        )
+    compare = list(compare)
+    if len(names) >= 2 and (len(compare) != 2 or any(c not in names for c in compare)):
+        raise InputError(f"compare must name two of the evaluated methods {names}, got {compare}.")
+    facts = {name: model_facts(model) for name, model in models.items()}
+    trained = sorted({s for f in facts.values() for s in f["training_subjects"]})
+    folders = select_subjects(dataset_dir, subjects, trained)
+    headers = [inspect_subject(folder) for folder in folders]  # every header before any voxel
+    out = None if output_dir is None else check_output_dir(output_dir)
+    figure_subject = str(figure_subject) if figure_subject is not None else headers[0].name
+    if figure_subject not in {h.name for h in headers}:
+        raise InputError(f"figure_subject {figure_subject} is not among the evaluated subjects.")
+    result = EvaluationResult()
+    curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for header in headers:
+        subject = load_subject(header)
+        predictions = predict_subject(subject, models, methods)
+        interior = interior_mask(
+            subject.mask_lr, subject.mask_hr, subject.upscale_factor, interior_radius
+        )
+        for name, prediction in predictions.items():
+            result.rows.append(_row(subject, name, prediction, interior, facts.get(name), curves))
+        log.info(
+            "%s: %s",
+            subject.name,
+            ", ".join(f"{r['model']} {r['total']:.3f}" for r in result.rows[-len(predictions) :]),
+        )
+        if out is not None and subject.name == figure_subject:
+            out.mkdir(parents=True, exist_ok=True)
+            result.files.update(_figures(subject, predictions, next(iter(models), None), out))
+    if len(compare) == 2:
+        result.wilcoxon = wilcoxon_test(result.rows, *compare)
+    result.summary_markdown = _summary_markdown(result, names, interior_radius)
+    if out is None:
+        return result
+    out.mkdir(parents=True, exist_ok=True)
+    if curves:
+        pooled = {name: _mean_curve(c) for name, c in curves.items()}
+        result.files["reliability"] = figures.reliability_figure(
+            pooled, out / "reliability.png", f"calibration over {len(headers)} test subjects"
+        )
+    result.files["metrics"] = _write_csv(out / "metrics.csv", result.rows)
+    result.files["summary"] = write_text(out / "summary.md", result.summary_markdown)
+    result.files["summary_json"] = write_json(
+        out / "summary.json",
+        {"rows": result.rows, "wilcoxon": result.wilcoxon, "interior_radius": interior_radius},
+    )
+    return result
+
+
+def _row(
+    subject: Subject,
+    name: str,
+    prediction: Prediction,
+    interior: np.ndarray,
+    facts: dict[str, Any] | None,
+    curves: dict[str, list],
+) -> dict[str, Any]:
+    """One row of ``metrics.csv`` (RMSE in 1e-5 mm^2/s); collects the calibration curve."""
+    rmse = region_rmse(prediction.mean, subject.dt_hr, subject.mask_hr, interior)
+    row: dict[str, Any] = {
+        "subject": subject.name,
+        "model": name,
+        "depth": facts["depth"] if facts else None,
+        "tvs": facts["tvs"] if facts else None,
+        **rmse,
+        "voxels_interior": int(np.count_nonzero(interior)),
+        "voxels_exterior": int(np.count_nonzero(subject.mask_hr & ~interior)),
+        **dict.fromkeys(UNCERTAINTY_COLUMNS),
+    }
+    if prediction.std is not None:
+        error = prediction.mean.astype(np.float64) - subject.dt_hr
+        row.update(uncertainty_metrics(error, prediction.std, subject.mask_hr))
+        curves.setdefault(name, []).append(
+            calibration_curve(error, prediction.std, subject.mask_hr)
+        )
+    return row
+
+
+def _mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Observed coverage averaged over subjects (each subject weighs the same)."""
+    return curves[0][0], np.mean([observed for _, observed in curves], axis=0)
+
+
 def wilcoxon_test(rows: list[dict], first: str, second: str, region: str = "total") -> dict:
-    """Wilcoxon signed-rank test of paired per-subject RMSE of two methods (scipy)."""
+    """Wilcoxon signed-rank test of paired per-subject RMSE of two models (scipy)."""
     by_subject: dict[str, dict[str, float]] = {}
     for row in rows:
-        by_subject.setdefault(row["subject"], {})[row["method"]] = row[f"rmse_{region}"]
+        by_subject.setdefault(row["subject"], {})[row["model"]] = row[region]
     pairs = [(v[first], v[second]) for v in by_subject.values() if first in v and second in v]
     result = {"first": first, "second": second, "region": region, "n": len(pairs)}
     differences = [a - b for a, b in pairs]
@@ -174,145 +446,11 @@ def wilcoxon_test(rows: list[dict], first: str, second: str, region: str = "tota
     return result
 
 
-def _mean_std(values: list[float]) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{np.mean(values):.2f} (± {np.std(values, ddof=1):.2f})"
-
-
-def summary_table(rows: list[dict], methods: Sequence[str]) -> str:
-    """Markdown table in the layout of the paper's Fig. 4: mean (± std) RMSE per method."""
-    lines = [
-        "| Model | Test subjects | RMSE Interior | RMSE Exterior | RMSE Total |",
-        "|---|---|---|---|---|",
-    ]
-    for method in methods:
-        mine = [r for r in rows if r["method"] == method]
-        cells = [_mean_std([r[f"rmse_{region}"] for r in mine]) for region in REGIONS]
-        lines.append(f"| {method} | {len(mine)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _write_csv(path: Path, rows: list[dict]) -> Path:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return write_text(path, buffer.getvalue())
-
-
-def _figures(
-    subject: Subject, predictions: Mapping[str, np.ndarray], model: str | None, out: Path
-) -> dict[str, Path]:
-    """Fig. 5-like MD panel, colour-FA and error maps at the brain's central axial slice."""
-    z = int(np.round(np.nonzero(subject.mask_hr.any(axis=(0, 1)))[0].mean()))
-    preferred = [name for name in (model, BASELINE_NAMES["cubic"]) if name in predictions]
-    shown = preferred or list(predictions)[:1]  # e.g. baselines only, without cubic
-    maps = {"ground truth": tensor_maps(subject.dt_hr, subject.mask_hr)}
-    maps.update({name: tensor_maps(predictions[name], subject.mask_hr) for name in shown})
-    md_lr = tensor_maps(subject.dt_lr, subject.mask_lr)["md"]
-    errors = {
-        name: np.sqrt(np.mean((predictions[name] - subject.dt_hr) ** 2, axis=-1)) * subject.mask_hr
-        for name in shown
-    }
-    title = f"subject {subject.name}, axial slice z={z}"
-    return {
-        "md": figures.md_figure(
-            md_lr,
-            {k: v["md"] for k, v in maps.items()},
-            z,
-            subject.factor,
-            out / "md_axial.png",
-            title,
-        ),
-        "colour_fa": figures.colour_fa_figure(
-            {k: v["colour_fa"] for k, v in maps.items()}, z, out / "colour_fa_axial.png", title
-        ),
-        "error": figures.error_figure(errors, z, out / "abs_error_axial.png", title),
-    }
-
-
-def evaluate(
-    dataset_dir: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    inferers: Mapping[str, WholeBrainInferer] | None = None,
-    subjects: Sequence[str] | None = None,
-    methods: Sequence[str] = ("nearest", "trilinear", "cubic"),
-    interior_radius: int = 2,
-    compare: Sequence[str] | None = None,
-    figure_subject: str | None = None,
-) -> EvaluationResult:
-    """Evaluate models and baselines on the subjects; write metrics.csv, summary.md/json, figures.
-
-    Args:
-        dataset_dir: preprocessed subjects (``python -m preprocessing hcp`` output).
-        output_dir: where the tables and figures go.
-        inferers: models by display name (e.g. ``{"ESPCN-RN2": inferer}``); none = baselines only.
-        subjects: subject ids (default: every complete subject folder).
-        methods: interpolation baselines among nearest, trilinear, cubic.
-        interior_radius: LR neighbourhood radius defining the interior (DESIGN.md: 2).
-        compare: two method names for the Wilcoxon test (default: first model vs cubic B-spline).
-        figure_subject: subject shown in the figures (default: the first).
-    """
-    inferers = dict(inferers or {})
-    unknown = [m for m in methods if m not in BASELINE_ORDERS]
-    if unknown:
-        raise InputError(f"unknown baseline {unknown[0]!r}: choose among {sorted(BASELINE_ORDERS)}")
-    names = list(inferers) + [BASELINE_NAMES[m] for m in methods]
-    if compare is None:
-        compare = (
-            (names[0], BASELINE_NAMES["cubic"]) if inferers and "cubic" in methods else names[:2]
-        )
-    compare = list(compare)
-    if len(compare) != 2 or any(c not in names for c in compare):
-        raise InputError(f"compare must name two of the evaluated methods {names}, got {compare}")
-    folders = find_subjects(dataset_dir, subjects)
-    out = check_output_dir(output_dir)
-    figure_subject = figure_subject or folders[0].name
-    result = EvaluationResult()
-    for folder in folders:
-        subject, _ = load_subject(folder)
-        predictions = predict_subject(subject, inferers, methods)
-        interior = interior_mask(subject.mask_lr, subject.mask_hr, subject.factor, interior_radius)
-        for method, prediction in predictions.items():
-            rmse = region_rmse(prediction, subject.dt_hr, subject.mask_hr, interior)
-            result.rows.append(
-                {
-                    "subject": subject.name,
-                    "method": method,
-                    **{f"rmse_{region}": rmse[region] for region in REGIONS},
-                    "voxels_interior": int(np.count_nonzero(interior)),
-                    "voxels_exterior": int(np.count_nonzero(subject.mask_hr & ~interior)),
-                }
-            )
-        log.info(
-            "%s: %s",
-            subject.name,
-            ", ".join(
-                f"{r['method']} {r['rmse_total']:.3f}" for r in result.rows[-len(predictions) :]
-            ),
-        )
-        if subject.name == figure_subject:
-            first_model = next(iter(inferers), None)
-            result.files.update(_figures(subject, predictions, first_model, out))
-    out.mkdir(parents=True, exist_ok=True)
-    result.wilcoxon = wilcoxon_test(result.rows, *compare)
-    result.summary_markdown = _summary_markdown(result, names, interior_radius)
-    result.files["metrics"] = _write_csv(out / "metrics.csv", result.rows)
-    result.files["summary"] = write_text(out / "summary.md", result.summary_markdown)
-    result.files["summary_json"] = write_json(
-        out / "summary.json",
-        {"rows": result.rows, "wilcoxon": result.wilcoxon, "interior_radius": interior_radius},
-    )
-    return result
-
-
 def _summary_markdown(result: EvaluationResult, names: Sequence[str], radius: int) -> str:
     w = result.wilcoxon
-    if w.get("statistic") is None:
+    if not w:
+        test = "Wilcoxon signed-rank test: not computed (fewer than two methods)."
+    elif w.get("statistic") is None:
         test = f"Wilcoxon signed-rank test ({w['first']} vs {w['second']}, {w['region']} RMSE): "
         test += f"not computed ({w['note']}; n = {w['n']})."
     else:
@@ -320,15 +458,28 @@ def _summary_markdown(result: EvaluationResult, names: Sequence[str], radius: in
             f"Wilcoxon signed-rank test ({w['first']} vs {w['second']}, paired {w['region']} RMSE, "
             f"n = {w['n']}): W = {w['statistic']:g}, p = {w['p_value']:.4g}; {w['note']}."
         )
-    return (
+    text = (
         "# Evaluation\n\n"
         "RMSE over the 6 tensor elements of brain voxels, in 1e-5 mm²/s, mean (± std) over test "
         f"subjects. Interior: brain voxels whose LR voxel's radius-{radius} neighbourhood lies "
-        "inside the LR mask; exterior: the other brain voxels.\n\n"
+        "inside the LR mask; exterior: the other brain voxels. Subjects (TVS): training subjects "
+        "of the model.\n\n"
         f"{summary_table(result.rows, names)}\n\n{test}\n"
     )
+    predicted_sigma = {r["model"] for r in result.rows if r["coverage_1sigma"] is not None}
+    uncertain = [n for n in names if n in predicted_sigma]
+    if uncertain:
+        text += (
+            "\n## Uncertainty\n\n"
+            "Coverage: fraction of brain voxel elements with |error| ≤ kσ (a calibrated Gaussian "
+            "gives 0.68 for 1σ and 0.95 for 2σ). Spearman: rank correlation over brain voxels of "
+            "the predicted σ and the actual error, each the RMS over the 6 elements.\n\n"
+            f"{uncertainty_table(result.rows, uncertain)}\n"
+        )
+    return text
 
 
+@exit_on_bad_input
 def bundle_evaluate(
     dataset_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -338,34 +489,27 @@ def bundle_evaluate(
     sw_batch_size: int = 1,
     device: str | None = None,
     baselines_only: bool = False,
-    **kwargs,
+    inferer: Model | None = None,
+    **kwargs: Any,
 ) -> EvaluationResult:
-    """The bundle's ``evaluation``: load the model, :func:`evaluate`, print the table.
+    """The bundle's evaluation entry: load the model, :func:`evaluate`, print the table once.
 
     Without ``subjects``, the subjects the model was trained on (``training_subjects`` in its
-    normalisation statistics) are left out: the table is about held-out subjects. Bad input
-    (missing data, weights or subjects) prints one sentence and exits with code 2.
-    ``baselines_only`` (or ``model_path=None``) evaluates the interpolation baselines only.
+    normalisation statistics) are left out: the table is about held-out subjects. ``inferer``
+    (a :class:`Model`, e.g. wired by the config) replaces loading ``model_path``;
+    ``baselines_only`` (or no model) evaluates the interpolation baselines only. Bad input
+    prints one sentence and exits with code 2.
     """
-    try:
-        folders = find_subjects(dataset_dir, kwargs.get("subjects"))  # before loading anything
-        inferers = {}
-        if model_path is not None and not as_bool(baselines_only):
+    subjects = kwargs.get("subjects")
+    named = subjects is not None and not (isinstance(subjects, list | tuple) and not subjects)
+    find_subjects(dataset_dir, subjects if named else None, EVALUATION_FILES if named else ())
+    models: dict[str, Model] = {}
+    if not as_bool(baselines_only) and (inferer is not None or model_path is not None):
+        if inferer is None:
             inferer = make_inferer(model_path, normalisation_path, roi_size, sw_batch_size, device)
-            inferers[model_label(inferer.stats.extra.get("num_blocks", 0))] = inferer
-            trained = set(inferer.stats.extra.get("training_subjects") or [])
-            if not kwargs.get("subjects") and trained:
-                kwargs["subjects"] = [f.name for f in folders if f.name not in trained]
-                if not kwargs["subjects"]:
-                    raise InputError(
-                        f"every subject in {dataset_dir} was used to train the model; pass "
-                        "--subjects to evaluate training subjects anyway"
-                    )
-                log.info("held-out subjects: %s", ", ".join(kwargs["subjects"]))
-        result = evaluate(dataset_dir, output_dir, inferers, **kwargs)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        depth = model_facts(inferer)["depth"]
+        models[model_label(depth or 0)] = inferer
+    result = evaluate(dataset_dir, output_dir, models, **kwargs)
     print(result.summary_markdown, flush=True)
     print(f"wrote {', '.join(str(p) for p in result.files.values())}", flush=True)
     return result

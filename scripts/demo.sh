@@ -20,5 +20,3 @@ python -m monai.bundle run training --config_file "$BUNDLE/configs/train.json" \
 echo "== 4/4 evaluation on the held-out subjects -> demo/evaluation"
 python -m monai.bundle run evaluation --config_file "$BUNDLE/configs/evaluate.json" \
   --subjects "['synth004','synth005']" --output_dir demo/evaluation
-
-cat demo/evaluation/summary.md

@@ -5,10 +5,13 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import logging
+import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,8 +19,10 @@ from test_metrics import cubic_bspline_by_hand, trilinear_by_hand
 from tiny_bundle import write_tiny_models
 
 from monai_iqt.evaluation import bundle_evaluate, evaluate
+from monai_iqt.figures import axial_orientation
+from monai_iqt.metrics import REGIONS
 from preprocessing.geometry import lr_affine_from_hr
-from preprocessing.io import InputError, save_nifti
+from preprocessing.io import InputError, save_nifti, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 EVALUATE_CONFIG = REPO / "bundles" / "iqt_espcn_rn" / "configs" / "evaluate.json"
@@ -40,6 +45,7 @@ def write_hand_subject(root: Path, name: str, seed: int) -> dict[str, np.ndarray
     save_nifti(folder / "dt_hr.nii.gz", dt_hr, hr_affine, np.float32)
     save_nifti(folder / "mask_lr.nii.gz", mask_lr, lr_affine_from_hr(hr_affine, 2), np.uint8)
     save_nifti(folder / "mask_hr.nii.gz", mask_hr, hr_affine, np.uint8)
+    write_json(folder / "preprocessing.json", {"factor": 2})
     as_float32 = {k: v.astype(np.float32) for k, v in (("dt_lr", dt_lr), ("dt_hr", dt_hr))}
     return {**as_float32, "mask_lr": mask_lr, "mask_hr": mask_hr}
 
@@ -89,22 +95,26 @@ def test_baseline_metrics_match_an_independent_computation(hand_dataset, tmp_pat
             "cubic B-spline": cubic_bspline_by_hand(dt_lr, hr_shape, 2),
         }
         for method, prediction in predictions.items():
-            row = next(r for r in rows if r["subject"] == name and r["method"] == method)
+            row = next(r for r in rows if r["subject"] == name and r["model"] == method)
+            assert row["depth"] == "" and row["tvs"] == "" and row["coverage_1sigma"] == ""
             for region, mask in (
                 ("interior", interior),
                 ("exterior", brain & ~interior),
                 ("total", brain),
             ):
                 expected = rmse_by_hand(prediction, data["dt_hr"], mask)
-                assert float(row[f"rmse_{region}"]) == pytest.approx(expected, rel=1e-4)
-            expected_total[(name, method)] = float(row["rmse_total"])
+                assert float(row[region]) == pytest.approx(expected, rel=1e-4)
+            expected_total[(name, method)] = float(row["total"])
 
     # summary.md: the Fig. 4 layout with mean (± std) over subjects
     summary = (tmp_path / "eval" / "summary.md").read_text()
-    assert "| Model | Test subjects | RMSE Interior | RMSE Exterior | RMSE Total |" in summary
+    header = (
+        "| Model | Subjects (TVS) | Test subjects | RMSE Interior | RMSE Exterior | RMSE Total |"
+    )
+    assert header in summary
     cubic = [expected_total[(name, "cubic B-spline")] for name in SUBJECTS]
     cell = f"{statistics.mean(cubic):.2f} (± {statistics.stdev(cubic):.2f})"
-    assert "| cubic B-spline | 3 |" in summary and summary.count(cell) >= 1
+    assert "| cubic B-spline | – | 3 | " in summary and summary.count(cell) >= 1
 
     # Wilcoxon signed-rank by hand: W = smaller rank sum of the paired differences
     differences = [
@@ -121,7 +131,7 @@ def test_baseline_metrics_match_an_independent_computation(hand_dataset, tmp_pat
 
 def test_bad_evaluation_input_is_one_sentence(hand_dataset, tmp_path, capsys):
     root, _ = hand_dataset
-    with pytest.raises(InputError, match="subject nobody in .* lacks dt_lr"):
+    with pytest.raises(InputError, match=r"subject nobody is not a complete .* \(no dt_lr.nii.gz"):
         evaluate(root, tmp_path / "eval", subjects=["nobody"])
     with pytest.raises(InputError, match="compare must name two"):
         evaluate(root, tmp_path / "eval", compare=("cubic B-spline", "ESPCN"))
@@ -146,7 +156,8 @@ def test_bundle_evaluation_leaves_out_training_subjects(hand_dataset, tmp_path, 
         normalisation_path=normalisation_path, device="cpu",
     )  # fmt: skip
     assert {row["subject"] for row in result.rows} == {"hand1"}
-    assert "| ESPCN | 1 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| ESPCN | 2 | 1 |" in out and out.count("| Model |") == 1  # the table, once
     everything = write_tiny_models(tmp_path / "all", training_subjects=list(SUBJECTS))
     with pytest.raises(SystemExit):
         bundle_evaluate(
@@ -169,16 +180,17 @@ def test_bundle_evaluation_on_preprocessed_subjects(preprocessed_root, tmp_path)
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| ESPCN-RN1 | 2 |" in done.stdout and "| cubic B-spline | 2 |" in done.stdout
+    assert "| ESPCN-RN1 | – | 2 |" in done.stdout and "| cubic B-spline | – | 2 |" in done.stdout
+    assert done.stdout.count("| Model |") == 1
     assert "Wilcoxon signed-rank test (ESPCN-RN1 vs cubic B-spline" in done.stdout
     with open(out / "metrics.csv") as stream:
         rows = list(csv.DictReader(stream))
-    assert {(r["subject"], r["method"]) for r in rows} == {
+    assert {(r["subject"], r["model"]) for r in rows} == {
         (s, m)
         for s in ("synth000", "synth002")
         for m in ("ESPCN-RN1", "nearest", "trilinear", "cubic B-spline")
     }
-    assert all(float(r["rmse_total"]) > 0 for r in rows)
+    assert all(float(r["total"]) > 0 for r in rows)
     assert (out / "md_axial.png").stat().st_size > 1000
 
 
@@ -187,7 +199,7 @@ def test_baselines_without_cubic_still_draw_the_error_figure(hand_dataset, tmp_p
     result = evaluate(root, tmp_path / "eval", methods=("nearest", "trilinear"))
     error_png = tmp_path / "eval" / "abs_error_axial.png"
     assert error_png.is_file() and error_png.stat().st_size > 0
-    assert {row["method"] for row in result.rows} == {"nearest", "trilinear"}
+    assert {row["model"] for row in result.rows} == {"nearest", "trilinear"}
 
 
 def test_truncated_volume_is_one_sentence_naming_it(hand_dataset, tmp_path):
@@ -202,3 +214,114 @@ def test_truncated_volume_is_one_sentence_naming_it(hand_dataset, tmp_path):
         evaluate(tmp_path / "dataset", tmp_path / "eval")
     message = str(raised.value)
     assert str(dt_lr) in message and "cannot be read" in message and "\n" not in message
+
+
+class OracleModel:
+    """A stand-in model that knows the truth: it returns ``dt_hr`` plus N(0, sigma^2) noise and,
+    when ``with_sigma``, that sigma, so a calibrated uncertainty is known by construction."""
+
+    upscale_factor = 2
+
+    def __init__(self, subjects: dict, depth: int, trained: list[str], with_sigma: bool, seed=0):
+        self.subjects = subjects
+        self.with_sigma = with_sigma
+        self.rng = np.random.default_rng(seed)
+        self.stats = SimpleNamespace(extra={"num_blocks": depth, "training_subjects": trained})
+
+    def __call__(self, dt_lr, brain_lr):
+        data = next(d for d in self.subjects.values() if np.array_equal(d["dt_lr"], dt_lr))
+        shape = data["dt_hr"].shape
+        per_voxel = np.exp(self.rng.uniform(np.log(2e-6), np.log(1e-4), shape[:3]))
+        sigma = per_voxel[..., None] * np.ones(shape)
+        mean = data["dt_hr"] + self.rng.normal(0.0, sigma)
+        return (mean, sigma) if self.with_sigma else mean
+
+
+def test_several_models_at_once_with_uncertainty_columns(hand_dataset, tmp_path):
+    root, subjects = hand_dataset
+    models = {
+        "ESPCN": OracleModel(subjects, 0, ["other0"], with_sigma=False),
+        "ESPCN-RN2 σ": OracleModel(subjects, 2, ["other0", "other1"], with_sigma=True, seed=1),
+    }
+    result = evaluate(root, None, models, methods=("cubic",))  # rows only, nothing written
+    assert not any(tmp_path.iterdir())
+    assert [(r["subject"], r["model"]) for r in result.rows] == [
+        (s, m) for s in SUBJECTS for m in ("ESPCN", "ESPCN-RN2 σ", "cubic B-spline")
+    ]
+    for row in result.rows:
+        facts = {"ESPCN": (0, 1), "ESPCN-RN2 σ": (2, 2), "cubic B-spline": (None, None)}
+        assert (row["depth"], row["tvs"]) == facts[row["model"]]
+        if row["model"] == "ESPCN-RN2 σ":
+            # about 10,000 brain voxel elements per subject: binomial std error < 0.005
+            assert row["coverage_1sigma"] == pytest.approx(0.683, abs=0.02)
+            assert row["coverage_2sigma"] == pytest.approx(0.954, abs=0.02)
+            assert row["spearman_sigma_error"] > 0.4
+        else:
+            assert row["coverage_1sigma"] is None and row["spearman_sigma_error"] is None
+    assert result.wilcoxon["first"] == "ESPCN" and result.wilcoxon["n"] == 3
+
+    written = evaluate(root, tmp_path / "eval", models, methods=("cubic",))
+    with open(tmp_path / "eval" / "metrics.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    assert list(rows[0])[:7] == ["subject", "model", "depth", "tvs", *REGIONS]
+    sigma_rows = [r for r in rows if r["model"] == "ESPCN-RN2 σ"]
+    assert all(0.6 < float(r["coverage_1sigma"]) < 0.76 for r in sigma_rows)
+    assert "| ESPCN-RN2 σ | 2 | 3 |" in written.summary_markdown
+    assert "| Model | Coverage 1σ | Coverage 2σ | Spearman σ vs error |" in written.summary_markdown
+    for name in ("reliability.png", "uncertainty_axial.png", "md_axial.png"):
+        assert (tmp_path / "eval" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_subjects_named_explicitly_give_a_warning(hand_dataset, tmp_path, caplog):
+    root, subjects = hand_dataset
+    model = OracleModel(subjects, 0, ["hand0", "hand2"], with_sigma=False)
+    with caplog.at_level(logging.WARNING, logger="monai_iqt.evaluation"):
+        result = evaluate(root, None, {"ESPCN": model}, subjects=["hand0", "hand1"])
+    assert {r["subject"] for r in result.rows} == {"hand0", "hand1"}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "subjects hand0 were used to train the model" in warnings[0]
+
+
+def test_held_out_subject_without_ground_truth_is_named(hand_dataset, tmp_path, caplog):
+    root, subjects = hand_dataset
+    dataset = shutil.copytree(root, tmp_path / "dataset")
+    (dataset / "hand1" / "dt_hr.nii.gz").unlink()
+    model = OracleModel(subjects, 0, ["hand0", "hand2"], with_sigma=False)
+    with pytest.raises(InputError) as raised:
+        evaluate(dataset, None, {"ESPCN": model})
+    message = str(raised.value)
+    assert "hand1 has no dt_hr.nii.gz" in message and "used to train" not in message
+    # with another complete held-out subject, the incomplete one is left out with a warning
+    shutil.copytree(root / "hand0", dataset / "hand3")
+    with caplog.at_level(logging.WARNING, logger="monai_iqt.evaluation"):
+        result = evaluate(dataset, None, {"ESPCN": OracleModel(subjects, 0, ["hand0"], False)})
+    assert {r["subject"] for r in result.rows} == {"hand2", "hand3"}
+    assert any("hand1 has no dt_hr.nii.gz" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("diagonal", "edges", "convention"),
+    [
+        ((-1.25, 1.25, 1.25), ("L", "R", "A", "P"), "radiological"),  # LAS, as HCP stores
+        ((1.25, 1.25, 1.25), ("R", "L", "A", "P"), "neurological"),  # RAS
+        ((1.25, -1.25, 1.25), ("R", "L", "P", "A"), "neurological"),  # RPS: y runs backwards
+    ],
+)
+def test_slice_orientation_comes_from_the_affine(diagonal, edges, convention):
+    affine = np.diag([*diagonal, 1.0])
+    orientation = axial_orientation(affine)
+    assert (orientation["right"], orientation["left"]) == edges[:2]
+    assert (orientation["top"], orientation["bottom"]) == edges[2:]
+    assert orientation["convention"].startswith(convention)
+    # a voxel x axis running anterior-posterior is said to be no axial left-right axis
+    swapped = np.array([[0, 1.25, 0, 0], [1.25, 0, 0, 0], [0, 0, 1.25, 0], [0, 0, 0, 1]])
+    assert "not axial" in axial_orientation(swapped)["convention"]
+
+
+def test_importing_figures_leaves_the_matplotlib_backend_alone():
+    code = (
+        "import matplotlib; matplotlib.use('svg'); import monai_iqt.figures; "
+        "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
