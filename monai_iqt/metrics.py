@@ -44,9 +44,14 @@ def interior_mask(
         inside_lr = ndimage.binary_erosion(mask_lr, structure=cube, border_value=0)
     else:
         inside_lr = mask_lr
-    return upsample_nearest(inside_lr, factor)[
-        : mask_hr.shape[0], : mask_hr.shape[1], : mask_hr.shape[2]
-    ] & (np.asarray(mask_hr, dtype=bool))
+    # each LR voxel over its r^3 HR block: nearest-neighbour zoom on the HR voxel centres
+    inside_hr = (
+        ndimage.zoom(inside_lr.astype(np.uint8), factor, order=0, mode="nearest", grid_mode=True)
+        > 0
+    )
+    return inside_hr[: mask_hr.shape[0], : mask_hr.shape[1], : mask_hr.shape[2]] & np.asarray(
+        mask_hr, dtype=bool
+    )
 
 
 def region_rmse(
