@@ -331,12 +331,23 @@ def evaluate(
         figure_subject: subject shown in the figures (default: the first).
     """
     models = dict(inferers or {})
+    methods = [methods] if isinstance(methods, str) else list(methods or [])
     unknown = [m for m in methods if m not in BASELINE_ORDERS]
     if unknown:
         raise InputError(
             f"unknown baseline {unknown[0]!r}: choose among {sorted(BASELINE_ORDERS)}."
         )
+    if (
+        isinstance(interior_radius, bool)
+        or not isinstance(interior_radius, int)
+        or (interior_radius < 0)
+    ):
+        raise InputError(
+            f"interior_radius must be a whole number of LR voxels >= 0, got {interior_radius!r}."
+        )
     names = list(models) + [BASELINE_NAMES[m] for m in methods]
+    if not names:
+        raise InputError("nothing to evaluate: give a model or at least one baseline method.")
     if compare is None:
         compare = (
             (names[0], BASELINE_NAMES["cubic"]) if models and "cubic" in methods else names[:2]

@@ -135,6 +135,16 @@ def test_bad_evaluation_input_is_one_sentence(hand_dataset, tmp_path, capsys):
         evaluate(root, tmp_path / "eval", subjects=["nobody"])
     with pytest.raises(InputError, match="compare must name two"):
         evaluate(root, tmp_path / "eval", compare=("cubic B-spline", "ESPCN"))
+    with pytest.raises(InputError, match="unknown baseline 'bicubic'"):
+        evaluate(root, tmp_path / "eval", methods="bicubic")
+    with pytest.raises(InputError, match=r"interior_radius must be .* got -1"):
+        evaluate(root, tmp_path / "eval", interior_radius=-1)
+    with pytest.raises(InputError, match="nothing to evaluate"):
+        evaluate(root, tmp_path / "eval", methods=[])
+    with pytest.raises(InputError, match="figure_subject hand9 is not among"):
+        evaluate(root, tmp_path / "eval", figure_subject="hand9")
+    with pytest.raises(InputError, match=r"subject id '../hand0' is not a plain folder name"):
+        evaluate(root, tmp_path / "eval", subjects=["../hand0"])
     with pytest.raises(SystemExit) as raised:
         bundle_evaluate(
             dataset_dir=tmp_path / "missing", output_dir=tmp_path / "eval", model_path=None,
