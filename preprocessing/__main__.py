@@ -10,9 +10,10 @@ import argparse
 import logging
 import sys
 
+from preprocessing import mni152
 from preprocessing.hcp import PreprocessingOptions, preprocess_hcp
 from preprocessing.io import InputError
-from preprocessing.synthetic import DEFAULT_SHAPE, write_synthetic_subjects
+from preprocessing.synthetic import DEFAULT_SHAPE, VOXEL_SIZE_MM, write_synthetic_subjects
 from preprocessing.tensor_fit import B0_THRESHOLD, DEFAULT_BMAX, FIT_METHODS
 
 log = logging.getLogger("preprocessing")
@@ -45,21 +46,53 @@ def build_parser() -> argparse.ArgumentParser:
     hcp.add_argument("--overwrite", action="store_true", help="redo complete subjects")
     hcp.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    synthetic = commands.add_parser("synthetic", help="write synthetic subjects in HCP layout")
+    synthetic = commands.add_parser(
+        "synthetic",
+        help="write synthetic subjects in HCP layout",
+        description=(
+            "Synthetic subjects synth<index> with known tensors (ground_truth/dt_hr.nii.gz): "
+            "--anatomy geometric (default; an ellipsoidal head, fast, for tests) or mni152 "
+            "(brain-realistic, from the MNI152 templates inside nilearn: pip install -e .[demo])."
+        ),
+    )
     synthetic.add_argument("--out", required=True, help="output folder (an HCP root)")
-    synthetic.add_argument("--subjects", type=int, required=True, help="number of subjects")
+    synthetic.add_argument("--count", type=int, help="number of subjects to write (required)")
+    synthetic.add_argument(
+        "--start", type=int, default=0, help="index of the first subject (default 0: synth000)"
+    )
     synthetic.add_argument("--seed", type=int, required=True, help="random seed")
+    synthetic.add_argument(
+        "--anatomy", choices=("geometric", "mni152"), default="geometric", help="phantom kind"
+    )
     synthetic.add_argument(
         "--shape",
         type=int,
         nargs=3,
-        default=list(DEFAULT_SHAPE),
         metavar=("X", "Y", "Z"),
-        help=f"HR grid (default {' '.join(map(str, DEFAULT_SHAPE))}; HCP size: 145 174 145)",
+        help=f"geometric HR grid (default {' '.join(map(str, DEFAULT_SHAPE))})",
+    )
+    synthetic.add_argument(
+        "--voxel-size",
+        type=float,
+        metavar="MM",
+        help=f"mni152: voxel size keeping HCP's field of view (default {VOXEL_SIZE_MM})",
+    )
+    synthetic.add_argument(
+        "--slab",
+        type=int,
+        nargs=2,
+        metavar=("Z0", "Z1"),
+        help="mni152: keep axial slices Z0 <= z < Z1 of the grid only (quick runs)",
+    )
+    synthetic.add_argument(
+        "--lesion",
+        action="store_true",
+        help="mni152: add an oedema-like white-matter lesion (subjects synth<index>_lesion)",
     )
     synthetic.add_argument(
         "--snr", type=float, default=30.0, help="b0 white-matter SNR of the Rician noise; inf: none"
     )
+    synthetic.add_argument("--subjects", nargs="+", help=argparse.SUPPRESS)
     return parser
 
 
@@ -76,15 +109,39 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _synthetic(args: argparse.Namespace) -> int:
-    if args.subjects < 1:
-        raise InputError(f"--subjects must be at least 1, got {args.subjects}.")
-    if min(args.shape) < 8:
-        raise InputError(f"--shape must be at least 8 voxels per axis, got {args.shape}.")
+    # Every setting is checked before anything is written.
+    if args.subjects is not None:
+        raise InputError(
+            "--subjects is not an option of `synthetic` (elsewhere it lists subject ids); "
+            "give the number of subjects to write with --count N."
+        )
+    if args.count is None or args.count < 1:
+        raise InputError(f"--count (the number of subjects) must be at least 1, got {args.count}.")
+    if args.start < 0:
+        raise InputError(f"--start must be at least 0, got {args.start}.")
     if args.snr <= 0:
         raise InputError(f"--snr must be positive (inf for noise-free data), got {args.snr}.")
-    paths = write_synthetic_subjects(
-        args.out, args.subjects, args.seed, tuple(args.shape), args.snr
-    )
+    if args.anatomy == "geometric":
+        if args.voxel_size is not None or args.slab is not None or args.lesion:
+            raise InputError("--voxel-size, --slab and --lesion apply to --anatomy mni152 only.")
+        shape = tuple(args.shape or DEFAULT_SHAPE)
+        if min(shape) < 8:
+            raise InputError(f"--shape must be at least 8 voxels per axis, got {list(shape)}.")
+        paths = write_synthetic_subjects(
+            args.out, args.count, args.seed, shape, args.snr, start=args.start
+        )
+    else:
+        if args.shape is not None:
+            raise InputError(
+                "--shape applies to --anatomy geometric; the mni152 grid is HCP's field of view, "
+                "set by --voxel-size and --slab."
+            )
+        voxel_size = VOXEL_SIZE_MM if args.voxel_size is None else args.voxel_size
+        grid = mni152.hcp_grid(voxel_size, args.slab)
+        mni152.check_nilearn()
+        paths = mni152.write_mni152_subjects(
+            args.out, args.count, args.seed, grid, args.snr, args.lesion, start=args.start
+        )
     log.info("%d synthetic subjects written under %s", len(paths), args.out)
     return 0
 

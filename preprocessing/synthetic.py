@@ -1,4 +1,6 @@
-"""Synthetic HCP-like subjects: a brain-like diffusion phantom with a known tensor field.
+"""Synthetic HCP-like subjects: a geometric diffusion phantom, and the acquisition, signal model,
+noise and writer (``write_phantom``) that the MNI152-based phantom (``preprocessing.mni152``)
+shares.
 
 Each subject (different per seed and index) is an ellipsoidal head around an ellipsoidal
 brain: an outer CSF layer, a wavy cortical grey-matter shell, two CSF ventricles, and white
@@ -95,11 +97,15 @@ def hcp_like_acquisition() -> Acquisition:
     return Acquisition(np.array(bvals), np.array(bvecs))
 
 
-def hcp_like_affine(shape: tuple[int, int, int]) -> np.ndarray:
-    """HCP-style affine (x flipped, 1.25 mm) with the volume centred near the world origin."""
-    affine = np.diag([-VOXEL_SIZE_MM, VOXEL_SIZE_MM, VOXEL_SIZE_MM, 1.0])
-    affine[:3, 3] = np.array([1.0, -1.0, -1.0]) * (np.array(shape) - 1) / 2 * VOXEL_SIZE_MM
-    affine[:3, 3] += [0.5, -8.0, 10.0]
+#: World point (mm) at the centre of every synthetic grid.
+GRID_CENTRE_MM: tuple[float, float, float] = (0.5, -8.0, 10.0)
+
+
+def hcp_like_affine(shape: tuple[int, int, int], voxel_size: float = VOXEL_SIZE_MM) -> np.ndarray:
+    """HCP-style LAS affine (x flipped, ``voxel_size`` mm) centred on ``GRID_CENTRE_MM``."""
+    affine = np.diag([-voxel_size, voxel_size, voxel_size, 1.0])
+    affine[:3, 3] = np.array([1.0, -1.0, -1.0]) * (np.array(shape) - 1) / 2 * voxel_size
+    affine[:3, 3] += GRID_CENTRE_MM
     return affine
 
 
@@ -161,9 +167,9 @@ def make_phantom(shape: tuple[int, int, int], rng: np.random.Generator) -> Phant
     safe_total = np.where(tissue_total > 1e-6, tissue_total, 1.0)
 
     tensors = np.zeros(shape + (6,), dtype=np.float64)
-    tensors += _isotropic(weights["gm"] * GM_DIFFUSIVITY)
-    tensors += _isotropic(weights["csf"] * CSF_DIFFUSIVITY)
-    tensors += _isotropic(weights["scalp"] * SCALP_DIFFUSIVITY)
+    tensors += isotropic_tensors(weights["gm"] * GM_DIFFUSIVITY)
+    tensors += isotropic_tensors(weights["csf"] * CSF_DIFFUSIVITY)
+    tensors += isotropic_tensors(weights["scalp"] * SCALP_DIFFUSIVITY)
     wm_voxels = weights["wm"] > 1e-4
     tensors[wm_voxels] += weights["wm"][wm_voxels, None] * _white_matter_tensors(
         np.stack(np.nonzero(wm_voxels), axis=1), shape, centre, brain_axes, rng
@@ -207,31 +213,78 @@ def write_synthetic_subject(
     shape: tuple[int, int, int] = DEFAULT_SHAPE,
     snr: float | None = 30.0,
 ) -> Path:
-    """Write one synthetic subject in HCP layout under ``root``; returns its folder.
+    """Write one geometric subject in HCP layout under ``root``; returns its folder.
 
     ``snr`` is the b0 white-matter SNR of the Rician noise; None or inf writes noise-free data.
-    The DWI is generated and compressed one volume at a time, so an HCP-size subject needs
-    about 1 GB of memory, not the 4 GB of its float32 data.
     """
     rng = np.random.default_rng([int(seed), int(index)])
     shape = tuple(int(size) for size in shape)
     if min(shape) < 8:
         raise ValueError(f"synthetic subjects need at least 8 voxels per axis, got {shape}")
     phantom = make_phantom(shape, rng)
-    acquisition = hcp_like_acquisition()
-    affine = hcp_like_affine(shape)
     subject_dir = Path(root) / subject_id
+    write_phantom(subject_dir, phantom, hcp_like_affine(shape), rng, snr)
+    log.info(
+        "synthetic subject %s written to %s (shape %s, snr %s)", subject_id, subject_dir, shape, snr
+    )
+    return subject_dir
+
+
+def write_synthetic_subjects(
+    out: str | os.PathLike,
+    count: int,
+    seed: int,
+    shape: tuple[int, int, int] = DEFAULT_SHAPE,
+    snr: float | None = 30.0,
+    start: int = 0,
+) -> list[Path]:
+    """Write ``count`` geometric subjects ``synth<start>``, ... (3 digits) under ``out``."""
+    return [
+        write_synthetic_subject(out, f"synth{index:03d}", seed, index, shape, snr)
+        for index in range(int(start), int(start) + int(count))
+    ]
+
+
+def write_phantom(
+    subject_dir: str | os.PathLike,
+    phantom: Phantom,
+    affine: np.ndarray,
+    rng: np.random.Generator,
+    snr: float | None,
+    data_mask: np.ndarray | None = None,
+    quantum: float | None = None,
+) -> None:
+    """Write a phantom's DWI (HCP acquisition, Rician noise from ``rng``) and ground truth.
+
+    ``data_mask`` (bool, the grid's shape): signal and noise only there, zero elsewhere, as
+    in HCP's masked ``data.nii.gz``; None fills the whole grid. ``quantum``: stored values are
+    rounded to multiples of it, like a scanner's finite precision; it makes noisy data compress
+    about three times faster. The DWI is generated and compressed one volume at a time, so an
+    HCP-size subject needs about 1 GB of memory, not the 4 GB of its float32 data.
+    """
+    subject_dir = Path(subject_dir)
     diffusion_dir = subject_dir / "T1w" / "Diffusion"
+    shape = phantom.brain_mask.shape
+    acquisition = hcp_like_acquisition()
     sigma = None if snr is None or not np.isfinite(snr) else S0["wm"] / float(snr)
+    inside = phantom if data_mask is None else _voxels_of(phantom, data_mask)
+    noise_shape = shape if data_mask is None else (int(np.count_nonzero(data_mask)),)
 
     def volumes():
         for bval, bvec in zip(acquisition.bvals, acquisition.bvecs, strict=True):
-            signal = signal_volume(phantom, bval, bvec)
+            signal = signal_volume(inside, bval, bvec)
             if sigma is not None:
-                real = signal + sigma * rng.standard_normal(shape)
-                imaginary = sigma * rng.standard_normal(shape)
+                real = signal + sigma * rng.standard_normal(noise_shape)
+                imaginary = sigma * rng.standard_normal(noise_shape)
                 signal = np.sqrt(real**2 + imaginary**2)
-            yield signal.astype(np.float32)
+            if quantum is not None:
+                signal = np.round(signal / quantum) * quantum
+            if data_mask is None:
+                yield signal.astype(np.float32)
+            else:
+                volume = np.zeros(shape, dtype=np.float32)
+                volume[data_mask] = signal
+                yield volume
 
     _save_nifti_volumes(
         diffusion_dir / "data.nii.gz", shape, len(acquisition.bvals), affine, volumes()
@@ -242,27 +295,16 @@ def write_synthetic_subject(
     save_nifti(diffusion_dir / "nodif_brain_mask.nii.gz", phantom.brain_mask, affine, np.uint8)
     ground_truth = phantom.tensors * phantom.brain_mask[..., None]
     save_nifti(subject_dir / "ground_truth" / "dt_hr.nii.gz", ground_truth, affine, np.float32)
-    log.info(
-        "synthetic subject %s written to %s (shape %s, snr %s)", subject_id, subject_dir, shape, snr
-    )
-    return subject_dir
-
-
-def write_synthetic_subjects(
-    out: str | os.PathLike,
-    subjects: int,
-    seed: int,
-    shape: tuple[int, int, int] = DEFAULT_SHAPE,
-    snr: float | None = 30.0,
-) -> list[Path]:
-    """Write ``subjects`` synthetic subjects ``synth000``, ``synth001``, ... under ``out``."""
-    return [
-        write_synthetic_subject(out, f"synth{index:03d}", seed, index, shape, snr)
-        for index in range(int(subjects))
-    ]
 
 
 # --- helpers -------------------------------------------------------------------------------
+
+
+def _voxels_of(phantom: Phantom, mask: np.ndarray) -> Phantom:
+    """The phantom's voxels inside ``mask`` as flat arrays (signal_volume works on any shape)."""
+    return Phantom(
+        phantom.tensors[mask], phantom.s0[mask], phantom.kurtosis[mask], phantom.brain_mask[mask]
+    )
 
 
 def _smooth_step(signed_distance: np.ndarray, width: float) -> np.ndarray:
@@ -270,13 +312,13 @@ def _smooth_step(signed_distance: np.ndarray, width: float) -> np.ndarray:
     return 0.5 * (1 + np.tanh(signed_distance / (2 * width)))
 
 
-def _isotropic(diffusivity: np.ndarray) -> np.ndarray:
+def isotropic_tensors(diffusivity: np.ndarray) -> np.ndarray:
     tensor = np.zeros(np.shape(diffusivity) + (6,))
     tensor[..., 0] = tensor[..., 2] = tensor[..., 5] = diffusivity
     return tensor
 
 
-def _cylindrical(directions: np.ndarray, axial: float, radial: float) -> np.ndarray:
+def cylinder_tensors(directions: np.ndarray, axial: float, radial: float) -> np.ndarray:
     """Lower-triangular tensors radial*I + (axial - radial) t t' for unit rows t."""
     t = directions
     outer = np.stack(
@@ -290,7 +332,7 @@ def _cylindrical(directions: np.ndarray, axial: float, radial: float) -> np.ndar
         ],
         axis=1,
     )
-    return _isotropic(np.full(len(t), radial)) + (axial - radial) * outer
+    return isotropic_tensors(np.full(len(t), radial)) + (axial - radial) * outer
 
 
 def _ventricles(xc, yc, zc, brain_axes, edge, rng) -> np.ndarray:
@@ -312,7 +354,7 @@ def _white_matter_tensors(voxels, shape, centre, brain_axes, rng) -> np.ndarray:
     """Tensors (n, 6) of WM voxels: bundles blended over a radial background."""
     points = (voxels - (np.array(shape) - 1) / 2) * VOXEL_SIZE_MM - centre
     radial = points / np.maximum(np.linalg.norm(points, axis=1, keepdims=True), 1e-9)
-    background = _cylindrical(radial, WM_BACKGROUND_AXIAL, WM_BACKGROUND_RADIAL)
+    background = cylinder_tensors(radial, WM_BACKGROUND_AXIAL, WM_BACKGROUND_RADIAL)
     bundle_tensors, bundle_weights = [], []
     for control in _bundle_control_points(brain_axes, rng):
         t = np.linspace(0, 1, 400)[:, None]
@@ -322,7 +364,7 @@ def _white_matter_tensors(voxels, shape, centre, brain_axes, rng) -> np.ndarray:
         distance, nearest = cKDTree(curve).query(points)
         bundle_radius = brain_axes.min() * rng.uniform(0.11, 0.16)
         bundle_weights.append(_smooth_step(bundle_radius - distance, 0.6 * VOXEL_SIZE_MM))
-        bundle_tensors.append(_cylindrical(tangent[nearest], WM_AXIAL, WM_RADIAL))
+        bundle_tensors.append(cylinder_tensors(tangent[nearest], WM_AXIAL, WM_RADIAL))
     weights = np.stack(bundle_weights, axis=1)
     total = weights.sum(axis=1, keepdims=True)
     weights = weights / np.maximum(total, 1.0)  # crossings: mean of the crossing bundles

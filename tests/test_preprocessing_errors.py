@@ -204,8 +204,8 @@ def test_bad_input_on_rerun_loses_nothing_already_written(synthetic_hcp_root, tm
         (["hcp", "--hcp-root", "{empty}", "--out", "{out}"], "contains no subject folder"),
         (["hcp", "--hcp-root", "{empty}", "--out", "{out}", "--factor", "0"], "--factor"),
         (["hcp", "--hcp-root", "{empty}", "--out", "{out}", "--workers", "0"], "--workers"),
-        (["synthetic", "--out", "{out}", "--subjects", "0", "--seed", "1"], "--subjects"),
-        (["synthetic", "--out", "{out}", "--subjects", "1", "--seed", "1", "--snr", "0"], "--snr"),
+        (["synthetic", "--out", "{out}", "--count", "0", "--seed", "1"], "--count"),
+        (["synthetic", "--out", "{out}", "--count", "1", "--seed", "1", "--snr", "0"], "--snr"),
     ],
 )
 def test_bad_command_line_values_exit_2(tmp_path, arguments, problem):
