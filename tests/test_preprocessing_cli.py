@@ -23,7 +23,7 @@ def _cli(*arguments: str) -> subprocess.CompletedProcess:
 def test_synthetic_then_hcp_with_two_workers(tmp_path):
     hcp_root, out = tmp_path / "hcp", tmp_path / "out"
     made_args = ["--shape", "16", "18", "16", "--snr", "30"]
-    made = _cli("synthetic", "--out", str(hcp_root), "--subjects", "3", "--seed", "9", *made_args)
+    made = _cli("synthetic", "--out", str(hcp_root), "--count", "3", "--seed", "9", *made_args)
     assert made.returncode == 0, made.stderr
     subjects = ["synth000", "synth001", "synth002"]
     assert sorted(p.name for p in hcp_root.iterdir()) == subjects
