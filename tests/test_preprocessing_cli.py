@@ -11,7 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from preprocessing.hcp import OUTPUT_NAMES, PreprocessingOptions, preprocess_hcp
+from preprocessing.hcp import PreprocessingOptions, preprocess_hcp
+from preprocessing.layout import OUTPUT_NAMES
 
 
 def _cli(*arguments: str) -> subprocess.CompletedProcess:
