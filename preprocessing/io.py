@@ -20,7 +20,8 @@ import nibabel as nib
 import numpy as np
 
 #: Order of the 6 unique diffusion tensor elements along the last (NIfTI) or channel (torch)
-#: axis: DIPY's lower-triangular order (``dipy.reconst.dti.lower_triangular``). Units mm^2/s.
+#: axis: DIPY's lower-triangular order (``dipy.reconst.dti.lower_triangular``). Units mm^2/s;
+#: x, y, z are the image's voxel axes (see ``preprocessing.gradients`` for the bvecs frame).
 TENSOR_ELEMENTS: tuple[str, ...] = ("Dxx", "Dxy", "Dyy", "Dxz", "Dyz", "Dzz")
 
 
