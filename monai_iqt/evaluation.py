@@ -176,7 +176,7 @@ def select_subjects(
     or in the error when no held-out subject is complete.
     """
     trained = set(training_subjects)
-    if subjects is not None and not (isinstance(subjects, list | tuple) and not subjects):
+    if _named(subjects):
         folders = find_subjects(dataset_dir, subjects, require=EVALUATION_FILES)
         used = [f.name for f in folders if f.name in trained]
         if used:
@@ -205,6 +205,11 @@ def select_subjects(
     if lacking:
         log.warning("held-out subjects left out of the evaluation: %s", described)
     return complete
+
+
+def _named(subjects: Any) -> bool:
+    """Whether subjects are named (``None`` or an empty list means all held-out subjects)."""
+    return subjects is not None and not (isinstance(subjects, list | tuple) and not subjects)
 
 
 def _mean_std(values: list[float | None], digits: int = 2) -> str:
@@ -501,6 +506,7 @@ def bundle_evaluate(
     device: str | None = None,
     baselines_only: bool = False,
     inferer: Model | None = None,
+    inferer_options: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> EvaluationResult:
     """The bundle's evaluation entry: load the model, :func:`evaluate`, print the table once.
@@ -508,16 +514,23 @@ def bundle_evaluate(
     Without ``subjects``, the subjects the model was trained on (``training_subjects`` in its
     normalisation statistics) are left out: the table is about held-out subjects. ``inferer``
     (a :class:`Model`, e.g. wired by the config) replaces loading ``model_path``;
+    ``inferer_options`` go to ``make_inferer`` (e.g. ``inference_mode``);
     ``baselines_only`` (or no model) evaluates the interpolation baselines only. Bad input
     prints one sentence and exits with code 2.
     """
-    subjects = kwargs.get("subjects")
-    named = subjects is not None and not (isinstance(subjects, list | tuple) and not subjects)
-    find_subjects(dataset_dir, subjects if named else None, EVALUATION_FILES if named else ())
+    subjects = kwargs.get("subjects")  # checked before loading the model
+    find_subjects(dataset_dir, *((subjects, EVALUATION_FILES) if _named(subjects) else (None, ())))
     models: dict[str, Model] = {}
     if not as_bool(baselines_only) and (inferer is not None or model_path is not None):
         if inferer is None:
-            inferer = make_inferer(model_path, normalisation_path, roi_size, sw_batch_size, device)
+            inferer = make_inferer(
+                model_path,
+                normalisation_path,
+                roi_size,
+                sw_batch_size,
+                device,
+                **dict(inferer_options or {}),
+            )
         depth = model_facts(inferer)["depth"]
         models[model_label(depth or 0)] = inferer
     result = evaluate(dataset_dir, output_dir, models, **kwargs)
