@@ -13,7 +13,10 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
+
+import numpy as np
 
 from preprocessing.io import InputError
 
@@ -64,3 +67,213 @@ def exit_on_bad_input(function: Callable[..., T]) -> Callable[..., T]:
             raise SystemExit(EXIT_BAD_INPUT) from None
 
     return entry
+
+
+# --------------------------------------------------------------------------- inference entry
+# ``configs/inference.json`` calls these. Functions the config evaluates outside the entry
+# (reading the network settings, loading weights, parsing flags) are wrapped too, so bad input
+# there is also one sentence and exit 2.
+
+
+def _inference_api():  # imported late: ``import monai_iqt.bundle`` stays light for every entry
+    from monai_iqt import inferers, inputs, outputs, weights
+
+    return inferers, inputs, outputs, weights
+
+
+@exit_on_bad_input
+def network_settings(normalisation_path: str) -> dict[str, Any]:
+    """ESPCN_RN settings recorded in ``normalisation.json`` (the bundle's ``network_def``)."""
+    return _inference_api()[3].network_settings(normalisation_path)
+
+
+@exit_on_bad_input
+def load_weights(network: Any, model_path: str, normalisation_path: str) -> Any:
+    """``network`` with ``model.pt`` loaded, after checking the pair's sha256."""
+    weights = _inference_api()[3]
+    weights.load_weights(network, model_path, normalisation_path)
+    weights.warn_synthetic_training(weights.read_stats(normalisation_path))
+    return network
+
+
+@exit_on_bad_input
+def flag(value: bool | str | int) -> bool:
+    """A true/false setting (:func:`as_bool`) evaluated by a config."""
+    return as_bool(value)
+
+
+@exit_on_bad_input
+def check_inference_settings(
+    inference_mode: str,
+    roi_size: Any,
+    sw_batch_size: Any,
+    tensor_order: str,
+    repair_tensors: Any,
+) -> None:
+    """Every inference setting checked before a component is built (the ``initialize`` step)."""
+    inferers, inputs, _, _ = _inference_api()
+    if inference_mode not in inferers.INFERENCE_MODES:
+        raise InputError(
+            f"inference_mode {inference_mode!r} is not one of "
+            f"{', '.join(inferers.INFERENCE_MODES)}."
+        )
+    sizes = roi_size if isinstance(roi_size, list | tuple) else [roi_size]
+    if len(sizes) not in (1, 3) or not all(
+        isinstance(s, int) and not isinstance(s, bool) for s in sizes
+    ):
+        raise InputError(f"roi_size {roi_size!r} must be an integer or a list of 3 integers.")
+    if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
+        raise InputError(f"sw_batch_size {sw_batch_size!r} must be an integer >= 1.")
+    if tensor_order not in inputs.TENSOR_ORDERS:
+        raise InputError(
+            f"tensor_order {tensor_order!r} is not one of {', '.join(inputs.TENSOR_ORDERS)}."
+        )
+    as_bool(repair_tensors)
+
+
+def prepare_inference(
+    input: Any,
+    output_dir: Any,
+    mask: Any = None,
+    bvals: Any = None,
+    bvecs: Any = None,
+    tensor_order: str = "dipy",
+) -> tuple[list[Any], dict[str, Path]]:
+    """Validate the output folders, then load and check every input (nothing written yet)."""
+    _, inputs, outputs, _ = _inference_api()
+    if input is None or str(input) in ("", "None"):
+        raise InputError(
+            "no input given: pass --input PATH (an LR tensor NIfTI, a DWI or a folder)."
+        )
+    if output_dir is None or str(output_dir) in ("", "None"):
+        raise InputError("no output folder given: pass --output_dir DIR.")
+    source, output_dir = Path(input), Path(output_dir)
+    if source.is_dir():
+        folders = inputs.discover_inputs(source)
+        if not folders:
+            raise InputError(f"{source} holds no subject folder with a dt_lr.nii.gz.")
+        targets = {folder.name: output_dir / folder.name for folder in folders}
+        sources = {folder.name: folder / "dt_lr.nii.gz" for folder in folders}
+        outputs.check_output_dir(output_dir, tuple(sources.values()), names={})
+    else:
+        targets = {inputs.stem(source): output_dir}
+        sources = {inputs.stem(source): source}
+    for name, target in targets.items():
+        outputs.check_output_dir(target, (sources[name],))
+    if source.is_dir():
+        items = [
+            inputs.load_input(sources[name], name=name, tensor_order=tensor_order)
+            for name in targets
+        ]
+    else:
+        items = [inputs.load_input(source, mask, bvals, bvecs, tensor_order=tensor_order)]
+    return items, targets
+
+
+def predict_and_write(
+    volume_inferer: Any, writer: Any, items: list[Any], targets: dict[str, Path], provenance: dict
+) -> dict[str, dict[str, Path]]:
+    """Super-resolve each validated input and write its files."""
+    from preprocessing.geometry import hr_affine_from_lr
+
+    inferers, inputs, _, _ = _inference_api()
+    written = {}
+    r = volume_inferer.upscale_factor
+    for item in items:
+        inputs.warn_voxel_size(
+            item.affine, volume_inferer.stats.extra.get("lr_voxel_size_mm"), item.source
+        )
+        region = (
+            inputs.inference_region(item.mask_lr)
+            if item.mask_lr is not None
+            else np.any(item.dt_lr != 0, axis=-1)
+        )
+        dt_hr = volume_inferer(item.dt_lr, region)
+        mask_hr = inferers.repeat_blocks(region, r)
+        record = {
+            **provenance,
+            "input": str(item.source),
+            "mask": item.mask_source,
+            "upscale_factor": r,
+            "inference_mode": volume_inferer.inferer.inference_mode,
+        }
+        written[item.name] = writer(
+            targets[item.name], dt_hr, mask_hr, hr_affine_from_lr(item.affine, r), record
+        )
+        log.info("%s -> %s", item.source, targets[item.name])
+    return written
+
+
+def _provenance(model_path: Any, stats: Any) -> dict[str, Any]:
+    return {
+        "model_path": str(model_path),
+        "weights_sha256": stats.extra.get("weights_sha256"),
+        "num_blocks": stats.extra.get("num_blocks"),
+        "trained_on": stats.extra.get("trained_on", "unknown"),
+    }
+
+
+def run_inference(
+    input: Any,
+    output_dir: Any,
+    model_path: Any,
+    normalisation_path: Any,
+    mask: Any = None,
+    bvals: Any = None,
+    bvecs: Any = None,
+    roi_size: Any = 96,
+    sw_batch_size: int = 1,
+    device: Any = None,
+    inference_mode: str = "whole_volume",
+    tensor_order: str = "dipy",
+    repair_tensors: bool = False,
+) -> dict[str, dict[str, Path]]:
+    """Validate every input and output folder, then load the model, predict and write.
+
+    ``input`` is an LR tensor NIfTI, a DWI NIfTI with ``bvals``/``bvecs``, or a folder of
+    subject folders each holding ``dt_lr.nii.gz`` (and ``mask_lr.nii.gz``). Returns the written
+    paths per subject name. Raises InputError (one sentence) on bad input.
+    """
+    inferers, _, outputs, _ = _inference_api()
+    check_inference_settings.__wrapped__(
+        inference_mode, roi_size, sw_batch_size, tensor_order, repair_tensors
+    )
+    items, targets = prepare_inference(input, output_dir, mask, bvals, bvecs, tensor_order)
+    volume_inferer = inferers.make_inferer(
+        model_path, normalisation_path, roi_size, sw_batch_size, device, inference_mode
+    )
+    writer = outputs.PredictionWriter(as_bool(repair_tensors))
+    provenance = _provenance(model_path, volume_inferer.stats)
+    return predict_and_write(volume_inferer, writer, items, targets, provenance)
+
+
+@exit_on_bad_input
+def inference(
+    input: Any,
+    output_dir: Any,
+    network: Any,
+    inferer: Any,
+    writer: Any,
+    model_path: Any,
+    normalisation_path: Any,
+    mask: Any = None,
+    bvals: Any = None,
+    bvecs: Any = None,
+    tensor_order: str = "dipy",
+    device: Any = None,
+) -> dict[str, dict[str, Path]]:
+    """The bundle's ``run`` for inference: the config's network (weights loaded), inferer and
+    writer applied to ``input``; bad input is one sentence and exit 2."""
+    inferers, _, _, weights = _inference_api()
+    items, targets = prepare_inference(input, output_dir, mask, bvals, bvecs, tensor_order)
+    stats = weights.read_stats(normalisation_path)
+    network_halo = inferers.network_halo(network)
+    inferer.roi_size = inferers.bundle_window(inferer.roi_size, network_halo)
+    volume_inferer = inferers.WholeBrainInferer(
+        network,
+        stats,
+        upscale_factor=int(stats.extra.get("upscale_factor", 2)),
+        device=device,
+        inferer=inferer,
+    )
+    return predict_and_write(volume_inferer, writer, items, targets, _provenance(model_path, stats))

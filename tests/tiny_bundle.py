@@ -12,6 +12,7 @@ import torch
 
 from monai_iqt.data.normalise import NormalisationStats
 from monai_iqt.networks import ESPCN_RN
+from monai_iqt.weights import file_sha256
 
 #: Plausible per-channel statistics of brain tensors (mm^2/s): diagonal ~0.7e-3, off-diagonal ~0.
 MEAN = [0.5e-3, 0.0, 0.5e-3, 0.0, 0.0, 0.5e-3]
@@ -33,7 +34,8 @@ def randomise_batch_norm(network: torch.nn.Module, seed: int = 0) -> None:
 def write_tiny_models(
     folder: Path, num_blocks: int = 0, seed: int = 0, **extra
 ) -> tuple[Path, Path]:
-    """``folder/model.pt`` and ``folder/normalisation.json`` for an untrained ESPCN_RN."""
+    """``folder/model.pt`` and ``folder/normalisation.json`` (a valid pair: the statistics record
+    the weights' sha256) for an untrained ESPCN_RN."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     network = ESPCN_RN(num_blocks)
@@ -50,6 +52,8 @@ def write_tiny_models(
             "num_blocks": num_blocks,
             "lr_patch_size": 11,
             "lr_voxel_size_mm": [2.5, 2.5, 2.5],
+            "weights_sha256": file_sha256(model_path),
+            "trained_on": "unknown",
             **extra,
         },
     )

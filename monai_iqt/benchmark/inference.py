@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from monai_iqt.data.normalise import NormalisationStats
-from monai_iqt.inference import DEFAULT_ROI_SIZE, VALID_SHRINK, WholeBrainInferer
+from monai_iqt.inferers import DEFAULT_ROI_SIZE, HaloExactInferer, WholeBrainInferer
 from monai_iqt.networks import ESPCN_RN
 
 METHODS = ("whole_volume", "sliding_window", "patches_11")
@@ -50,35 +50,6 @@ def make_inferer(
     return WholeBrainInferer(ESPCN_RN(num_blocks), stats, 2, roi_size, sw_batch_size, device)
 
 
-@torch.no_grad()
-def stitch_patches(
-    inferer: WholeBrainInferer, dt_lr: np.ndarray, brain: np.ndarray, size: int = 11
-) -> np.ndarray:
-    """The paper's patch regression: LR patches of ``size``^3 one at a time, each giving the
-    (size - 4)^3 LR voxels of its valid output; patches whose output has no brain are skipped."""
-    r, step = inferer.upscale_factor, size - 2 * VALID_SHRINK
-    shape = dt_lr.shape[:3]
-    tiles = [-(-s // step) for s in shape]
-    extra = [n * step - s for n, s in zip(tiles, shape, strict=True)]
-    # background beyond the field of view, also on the far side so that every tile is complete
-    dt = np.pad(dt_lr, [(VALID_SHRINK, VALID_SHRINK + e) for e in extra] + [(0, 0)])
-    brain = np.pad(brain, [(VALID_SHRINK, VALID_SHRINK + e) for e in extra])
-    volume = inferer.stats.normalise_input(torch.from_numpy(np.moveaxis(dt, -1, 0)[None]))
-    hr = torch.zeros((1, 6, *(r * n * step for n in tiles)))
-    for i, j, k in np.ndindex(*tiles):
-        x, y, z = i * step, j * step, k * step
-        core = (slice(x + 2, x + 2 + step), slice(y + 2, y + 2 + step), slice(z + 2, z + 2 + step))
-        if not brain[core].any():
-            continue
-        patch = volume[:, :, x : x + size, y : y + size, z : z + size].to(inferer.device)
-        prediction = inferer.stats.denormalise_output(inferer.network(patch)).cpu()
-        hr[:, :, r * x : r * (x + step), r * y : r * (y + step), r * z : r * (z + step)] = (
-            prediction
-        )
-    hr = hr[:, :, : r * shape[0], : r * shape[1], : r * shape[2]]
-    return inferer._finish(hr, brain[2 : 2 + shape[0], 2 : 2 + shape[1], 2 : 2 + shape[2]])
-
-
 def run_method(
     name: str, inferer: WholeBrainInferer, dt: np.ndarray, brain: np.ndarray
 ) -> tuple[float, np.ndarray]:
@@ -88,7 +59,14 @@ def run_method(
     elif name == "sliding_window":
         result = inferer(dt, brain)
     else:
-        result = stitch_patches(inferer, dt, brain)
+        patches = WholeBrainInferer(
+            inferer.network,
+            inferer.stats,
+            inferer.upscale_factor,
+            device=inferer.device,
+            inferer=HaloExactInferer(inference_mode="patches"),
+        )
+        result = patches(dt, brain)
     return time.perf_counter() - start, result
 
 
@@ -157,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     scale = float(np.abs(reference).max())
     lr_voxels = int(np.prod(shape))
     hr_voxels = lr_voxels * inferer.upscale_factor**3
-    predictor = inferer.last_predictor
+    predictor = inferer.last_counts
     label = "ESPCN" if args.num_blocks == 0 else f"ESPCN-RN{args.num_blocks}"
     size = "x".join(map(str, shape))
     print(

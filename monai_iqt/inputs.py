@@ -1,0 +1,330 @@
+"""What inference reads: an LR tensor image, a DWI to fit first, or a folder of subjects.
+
+Every check here runs before the model is loaded or anything is written, and every problem is
+one sentence naming the file (:class:`~preprocessing.io.InputError`). Tensors come out as
+(X, Y, Z, 6) float32 mm^2/s in DIPY's order (``preprocessing.io.TENSOR_ELEMENTS``), whatever
+order (``tensor_order``) the file used; a brain mask is taken from ``--mask``, found beside the
+input as ``bvals``/``bvecs`` are, or (for a DWI) computed with DIPY's ``median_otsu``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.volumeutils import apply_read_scaling, array_from_file
+from scipy import ndimage
+
+from preprocessing import layout
+from preprocessing.geometry import voxel_sizes
+from preprocessing.io import TENSOR_ELEMENTS, InputError, check_finite, load_nifti, read_nifti
+from preprocessing.tensor_fit import B0_THRESHOLD, DEFAULT_BMAX, fit_dti
+
+log = logging.getLogger(__name__)
+
+#: Element order of the 6-volume tensor files of common tools (DIPY's is the project's).
+TENSOR_ORDERS: dict[str, tuple[str, ...]] = {
+    "dipy": TENSOR_ELEMENTS,
+    "fsl": ("Dxx", "Dxy", "Dxz", "Dyy", "Dyz", "Dzz"),  # dtifit --save_tensor
+    "mrtrix": ("Dxx", "Dyy", "Dzz", "Dxy", "Dxz", "Dyz"),  # dwi2tensor
+}
+
+#: Plausible median mean diffusivity of brain tissue in mm^2/s (about 0.7e-3 in white matter).
+MD_RANGE_MM2_S = (1e-4, 1e-2)
+
+#: Relative difference between input and training voxel sizes above which inference warns.
+VOXEL_SIZE_TOLERANCE = 0.2
+
+#: Bytes per voxel per channel while a volume is processed (float32 plus working copies).
+BYTES_PER_VALUE = 4
+
+
+@dataclass
+class InferenceInput:
+    """One validated LR input: tensor volume (X, Y, Z, 6) in mm^2/s, its affine and brain mask."""
+
+    name: str
+    dt_lr: np.ndarray
+    affine: np.ndarray
+    mask_lr: np.ndarray | None
+    source: Path
+    mask_source: str = "none"
+
+
+def stem(path: Path) -> str:
+    """File name without ``.nii`` / ``.nii.gz``."""
+    return path.name.removesuffix(".gz").removesuffix(".nii")
+
+
+def inference_region(mask_lr: np.ndarray) -> np.ndarray:
+    """LR voxels to predict: the LR mask grown by one voxel, so partial-brain blocks are covered."""
+    cube = np.ones((3, 3, 3), dtype=bool)
+    return ndimage.binary_dilation(np.asarray(mask_lr, dtype=bool), structure=cube)
+
+
+def find_gradients(path: Path) -> tuple[Path | None, Path | None]:
+    """FSL gradient files beside a DWI: ``bvals``/``bvecs`` (HCP) or ``<stem>.bval``/``.bvec``."""
+    name = stem(path)
+    found = []
+    for names in (
+        ("bvals", f"{name}.bval", f"{name}.bvals"),
+        ("bvecs", f"{name}.bvec", f"{name}.bvecs"),
+    ):
+        found.append(next((path.parent / n for n in names if (path.parent / n).is_file()), None))
+    return found[0], found[1]
+
+
+def find_mask(path: Path) -> Path | None:
+    """A brain mask beside the input, found as the gradient files are.
+
+    ``mask_lr.nii.gz`` beside ``dt_lr.nii.gz`` (the preprocessed layout), ``<stem>_mask``,
+    ``<stem>_brain_mask`` (.nii or .nii.gz), or FSL/HCP's ``nodif_brain_mask.nii.gz``.
+    """
+    name = stem(path)
+    candidates = [layout.MASK_LR] if path.name == layout.DT_LR else []
+    for base in (f"{name}_mask", f"{name}_brain_mask", "nodif_brain_mask"):
+        candidates += [f"{base}.nii.gz", f"{base}.nii"]
+    return next((path.parent / n for n in candidates if (path.parent / n).is_file()), None)
+
+
+def available_memory_bytes() -> int:
+    """Memory available to this process (``MemAvailable``; physical memory as a fallback)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits_in_memory(image: nib.Nifti1Image, path: Path, channels: int) -> None:
+    """One sentence before reading a header whose voxels would not fit in memory.
+
+    Inference holds ``channels`` LR values per voxel, then 6 HR tensor elements (8 HR voxels per
+    LR voxel) with their maps: about (channels + 100) float32 values per LR voxel.
+    """
+    voxels = int(np.prod(image.shape[:3], dtype=np.float64))
+    try:
+        from preprocessing.io import check_fits_in_memory as shared_check
+    except ImportError:
+        shared_check = None
+    if shared_check is not None:
+        shared_check(image, path, channels, working_bytes=voxels * 100 * BYTES_PER_VALUE)
+        return
+    needed = voxels * (channels + 100) * BYTES_PER_VALUE
+    available = available_memory_bytes()
+    if needed > available:
+        shape = "x".join(str(s) for s in image.shape)
+        raise InputError(
+            f"{path} claims {shape} voxels: inferring it needs about {needed / 1e9:.1f} GB of "
+            f"memory but {available / 1e9:.1f} GB are available."
+        )
+
+
+def read_volumes(image: nib.Nifti1Image, path: Path, indices: np.ndarray) -> np.ndarray:
+    """Volumes ``indices`` of a 4D image as (X, Y, Z, len(indices)) float32, one at a time.
+
+    The file is read once, front to back (a .gz file is not re-decompressed per volume); peak
+    memory is the result plus one volume. Uses ``preprocessing.io.read_volumes`` when present.
+    """
+    try:
+        from preprocessing.io import read_volumes as shared_reader
+    except ImportError:
+        shared_reader = None
+    if shared_reader is not None:
+        try:
+            return shared_reader(image, [int(i) for i in indices], dtype=np.float32)
+        except InputError:
+            raise
+        except (OSError, EOFError, ValueError, zlib.error) as error:
+            raise InputError(f"{path} cannot be read ({error}); is it truncated?") from error
+    proxy = image.dataobj
+    shape = tuple(image.shape[:3])
+    block = int(np.prod(shape)) * proxy.dtype.itemsize
+    order = np.argsort(indices)
+    out = np.empty(shape + (len(indices),), dtype=np.float32)
+    try:
+        with nib.openers.ImageOpener(path) as stream:
+            for k in order:
+                offset = proxy.offset + int(indices[k]) * block
+                raw = array_from_file(shape, proxy.dtype, stream, offset, order="F", mmap=False)
+                out[..., k] = apply_read_scaling(raw, proxy.slope, proxy.inter)
+    except (OSError, EOFError, ValueError, zlib.error) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{path} cannot be read ({reason}); is it truncated?") from error
+    return out
+
+
+def load_mask(mask_path: Path, shape: tuple[int, ...], image_path: Path) -> np.ndarray:
+    """A 3D brain mask matching ``image_path``'s grid; one sentence naming the mask otherwise."""
+    if not mask_path.is_file():
+        raise InputError(f"{mask_path} does not exist (brain mask).")
+    mask_image = load_nifti(mask_path)
+    if mask_image.ndim != 3 or tuple(mask_image.shape[:3]) != tuple(shape):
+        raise InputError(
+            f"mask {mask_path} has shape {tuple(mask_image.shape)} but {image_path} has spatial "
+            f"shape {tuple(shape)}."
+        )
+    mask = read_nifti(mask_path)[0] > 0
+    if not mask.any():
+        raise InputError(f"mask {mask_path} is empty.")
+    return mask
+
+
+def to_dipy_order(dt: np.ndarray, tensor_order: str, path: Path) -> np.ndarray:
+    """Reorder the last axis from ``tensor_order`` (dipy, fsl, mrtrix) to DIPY's order."""
+    if tensor_order not in TENSOR_ORDERS:
+        raise InputError(
+            f"tensor_order {tensor_order!r} is not one of {', '.join(TENSOR_ORDERS)} "
+            f"(the element order of {path.name})."
+        )
+    source = TENSOR_ORDERS[tensor_order]
+    return dt[..., [source.index(element) for element in TENSOR_ELEMENTS]]
+
+
+def check_units(dt: np.ndarray, brain: np.ndarray, path: Path) -> None:
+    """Median mean diffusivity in the brain must look like mm^2/s; name the likely unit if not."""
+    inside = dt[brain]
+    if inside.size == 0:
+        return
+    md = float(np.median(inside[:, [0, 2, 5]].mean(axis=1)))
+    low, high = MD_RANGE_MM2_S
+    if low <= md <= high:
+        return
+    if 1e3 * low <= md <= 1e3 * high:
+        likely = "um^2/ms (10^-3 mm^2/s, 1000x too large): divide by 1000"
+    elif 1e-6 * low <= md <= 1e-6 * high:
+        likely = "m^2/s (10^6 x too small): multiply by 1e6"
+    elif 1e6 * low <= md <= 1e6 * high:
+        likely = "um^2/s (10^6 x too large): divide by 1e6"
+    elif md <= 0:
+        likely = "not a diffusion tensor image, or the wrong --tensor_order"
+    else:
+        likely = "another unit or the wrong --tensor_order"
+    raise InputError(
+        f"{path} has a median mean diffusivity of {md:.3g} in the brain, outside "
+        f"{low:g}-{high:g} mm^2/s: its unit is likely {likely}."
+    )
+
+
+def _gradient_table(bvals_path: Path, bvecs_path: Path, path: Path, volumes: int, affine, bmax):
+    try:
+        from preprocessing.gradients import read_gradient_table
+
+        return read_gradient_table(bvals_path, bvecs_path, path, volumes, affine=affine, bmax=bmax)
+    except ImportError:
+        from preprocessing.hcp import read_gradient_table
+
+        return read_gradient_table(bvals_path, bvecs_path, path, volumes, bmax=bmax)
+
+
+def dwi_brain_mask(b0: np.ndarray, path: Path) -> np.ndarray:
+    """Brain mask of a DWI from the mean b0 with DIPY's ``median_otsu`` (logged)."""
+    from dipy.segment.mask import median_otsu
+
+    _, mask = median_otsu(b0, median_radius=2, numpass=1)
+    log.info(
+        "%s: no brain mask given or found beside it; DIPY median_otsu on the mean b0 gives %d "
+        "brain voxels",
+        path,
+        int(mask.sum()),
+    )
+    if not mask.any():
+        raise InputError(f"{path}: median_otsu found no brain in the mean b0; give --mask.")
+    return mask
+
+
+def load_input(
+    path: str | os.PathLike,
+    mask: str | os.PathLike | None = None,
+    bvals: str | os.PathLike | None = None,
+    bvecs: str | os.PathLike | None = None,
+    name: str | None = None,
+    bmax: float = DEFAULT_BMAX,
+    tensor_order: str = "dipy",
+) -> InferenceInput:
+    """Validate and load an LR tensor NIfTI, or a DWI NIfTI whose tensor is fitted with DIPY.
+
+    A 4D image with 6 volumes and no ``bvals``/``bvecs`` is a tensor image (elements in
+    ``tensor_order``, mm^2/s); any other 4D image is a DWI and needs its FSL ``bvals`` and
+    ``bvecs`` (given, or beside it); its tensor is fitted (DIPY WLS) on the volumes with
+    b <= ``bmax`` (b0 and the b=1000 shell, as in preprocessing), inside the brain mask.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path} does not exist (LR input).")
+    image = load_nifti(path)
+    name = name or stem(path)
+    if image.ndim != 4:
+        raise InputError(
+            f"{path} has shape {tuple(image.shape)}: expected a 4D image (X, Y, Z, 6 tensor "
+            "elements) or a 4D DWI."
+        )
+    mask_path = Path(mask) if mask is not None else find_mask(path)
+    mask_lr = load_mask(mask_path, image.shape[:3], path) if mask_path is not None else None
+    mask_source = "given" if mask is not None else (str(mask_path) if mask_path else "none")
+    if mask is None and mask_path is not None:
+        log.info("%s: using the brain mask found beside it, %s", path, mask_path)
+    is_dwi = bvals is not None or bvecs is not None or image.shape[3] != 6
+    if not is_dwi:
+        check_fits_in_memory(image, path, 6)
+        dt = to_dipy_order(read_volumes(image, path, np.arange(6)), tensor_order, path)
+        check_finite(path, dt)
+        check_units(dt, mask_lr if mask_lr is not None else np.any(dt != 0, axis=-1), path)
+        return InferenceInput(name, dt, image.affine, mask_lr, path, mask_source)
+    found_bvals, found_bvecs = find_gradients(path)
+    bvals_path = Path(bvals) if bvals is not None else found_bvals
+    bvecs_path = Path(bvecs) if bvecs is not None else found_bvecs
+    missing = " and ".join(
+        what
+        for what, p in (("bvals", bvals_path), ("bvecs", bvecs_path))
+        if p is None or not p.is_file()
+    )
+    if missing:
+        raise InputError(
+            f"{path} has {image.shape[3]} volumes, so it is not a 6-element tensor image; as a DWI "
+            f"it needs its {missing} (give --bvals/--bvecs; none found beside it)."
+        )
+    values, vectors = _gradient_table(
+        bvals_path, bvecs_path, path, image.shape[3], image.affine, bmax
+    )
+    selected = np.flatnonzero(values <= bmax)  # b0 and the b=1000 shell, as in preprocessing
+    check_fits_in_memory(image, path, selected.size)
+    dwi = read_volumes(image, path, selected)
+    check_finite(path, dwi)
+    if mask_lr is None:
+        mask_lr = dwi_brain_mask(dwi[..., values[selected] < B0_THRESHOLD].mean(axis=-1), path)
+        mask_source = "median_otsu"
+    log.info("fitting DTI on the DWI input (%d volumes)", selected.size)
+    tensor = fit_dti(dwi, values[selected], vectors[selected], mask=mask_lr)
+    del dwi
+    check_units(tensor, mask_lr, path)
+    return InferenceInput(name, tensor, image.affine, mask_lr, path, mask_source)
+
+
+def discover_inputs(folder: Path) -> list[Path]:
+    """Subject folders holding ``dt_lr.nii.gz`` (the preprocessed layout), sorted."""
+    return sorted(p.parent for p in folder.glob(f"*/{layout.DT_LR}"))
+
+
+def warn_voxel_size(affine: np.ndarray, trained, path: Path) -> None:
+    """Warn when the input's voxel size is far from the LR voxel size the model was trained on."""
+    if trained is None:
+        return
+    trained = np.broadcast_to(np.asarray(trained, dtype=float), (3,))
+    actual = voxel_sizes(affine)
+    if np.any(np.abs(actual - trained) > VOXEL_SIZE_TOLERANCE * trained):
+        log.warning(
+            "%s has voxels of %s mm but the model was trained on LR voxels of %s mm; "
+            "predictions at another resolution are not validated",
+            path,
+            "x".join(f"{v:.3g}" for v in actual),
+            "x".join(f"{v:.3g}" for v in trained),
+        )

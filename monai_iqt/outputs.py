@@ -1,0 +1,235 @@
+"""What inference writes, and where it refuses to write.
+
+Per subject: ``dt_hr.nii.gz`` (rX, rY, rZ, 6 float32 mm^2/s, zero outside the brain),
+``mask_hr.nii.gz`` (the HR brain mask used), ``md``, ``fa``, ``colour_fa`` and, last,
+``inference.json``, the record that says these files were written by this tool.
+
+Safety rules: an output folder that holds preprocessed subjects, or the input's own folder, is
+refused; an existing file with an output's name is replaced only if the folder's record lists
+it (a file this tool wrote in that role). All files are written to temporary names first and
+renamed together at the end, then the record: an error while writing (a full disk) leaves the
+folder as it was, with no temporary files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from dipy.reconst.dti import from_lower_triangular, lower_triangular
+
+from monai_iqt.maps import tensor_maps
+from preprocessing import layout
+from preprocessing.io import InputError, write_json
+
+log = logging.getLogger(__name__)
+
+#: Files written per subject (role -> name); the record is written after them.
+OUTPUT_NAMES = {
+    "dt_hr": layout.DT_HR,
+    "mask_hr": layout.MASK_HR,
+    "md": "md.nii.gz",
+    "fa": "fa.nii.gz",
+    "colour_fa": "colour_fa.nii.gz",
+}
+RECORD_NAME = "inference.json"
+#: The record's ``tool`` field: files listed in such a record may be replaced by a new run.
+TOOL = "monai-iqt inference"
+
+#: Smallest eigenvalue (mm^2/s) of a repaired tensor (brain MD is about 7e-4 mm^2/s).
+EIGENVALUE_FLOOR = 1e-6
+
+
+def _resolved(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def check_output_dir(
+    output_dir: str | os.PathLike, inputs: tuple[Path, ...] = (), names=OUTPUT_NAMES
+) -> Path:
+    """Refuse an output folder that would overwrite inputs or files this tool did not write
+    there (``names``: the output names to check), then prove it writable without creating it."""
+    output_dir = Path(output_dir)
+    if layout.holds_preprocessed_data(output_dir):
+        raise InputError(
+            f"output folder {output_dir} holds preprocessed subjects ({layout.RECORD_NAME}): "
+            "inference would overwrite their ground truth; choose another --output_dir."
+        )
+    for source in inputs:
+        if _resolved(output_dir) == _resolved(source.parent):
+            raise InputError(
+                f"output folder {output_dir} is the folder of the input {source.name}: outputs "
+                "there could replace the input or its siblings; choose another --output_dir."
+            )
+    foreign = foreign_outputs(output_dir, names)
+    if foreign:
+        raise InputError(
+            f"{output_dir / foreign[0]} exists and was not written by {TOOL} (no "
+            f"{RECORD_NAME} there lists it); move it or choose another --output_dir."
+        )
+    return check_writable(output_dir)
+
+
+def check_writable(output_dir: str | os.PathLike) -> Path:
+    """Prove ``output_dir`` can be made and written, before any compute, without creating it.
+
+    A probe file is written (and removed) in the nearest folder that already exists.
+    """
+    output_dir = Path(output_dir)
+    existing = output_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"output folder {output_dir} is not writable: {existing} is not a folder.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise InputError(
+            f"output folder {output_dir} is not writable: {error.strerror or error}."
+        ) from error
+    return output_dir
+
+
+def foreign_outputs(output_dir: Path, names=OUTPUT_NAMES) -> list[str]:
+    """Output names that exist in ``output_dir`` but that no inference record there lists."""
+    present = [n for n in names.values() if (output_dir / n).exists()]
+    if not present:
+        return []
+    listed: set[str] = set()
+    try:
+        record = json.loads((output_dir / RECORD_NAME).read_text())
+        if isinstance(record, dict) and record.get("tool") == TOOL:
+            listed = set(record.get("outputs", {}).values())
+    except (OSError, ValueError):
+        pass
+    return [n for n in present if n not in listed]
+
+
+def repair_tensors(dt: np.ndarray, brain: np.ndarray, repair: bool, name: str) -> np.ndarray:
+    """Count (and with ``repair``, fix) non-positive-definite tensors inside the brain.
+
+    Repair clips eigenvalues to :data:`EIGENVALUE_FLOOR` and rebuilds the tensor.
+    """
+    inside = dt[brain].astype(np.float64)
+    if inside.size == 0:
+        return dt
+    evals, evecs = np.linalg.eigh(from_lower_triangular(inside))
+    bad = np.any(evals <= 0, axis=1)
+    if not bad.any():
+        return dt
+    if not repair:
+        log.warning(
+            "%s: %d of %d brain voxels have a non-positive-definite tensor (kept as predicted; "
+            "--repair_tensors true clips their eigenvalues to %g mm^2/s)",
+            name,
+            int(bad.sum()),
+            int(brain.sum()),
+            EIGENVALUE_FLOOR,
+        )
+        return dt
+    clipped = np.maximum(evals[bad], EIGENVALUE_FLOOR)
+    matrices = np.einsum("vij,vj,vkj->vik", evecs[bad], clipped, evecs[bad])
+    inside[bad] = lower_triangular(matrices)
+    repaired = dt.copy()
+    repaired[brain] = inside.astype(dt.dtype)
+    log.info(
+        "%s: repaired %d non-positive-definite tensors of %d brain voxels (eigenvalues >= %g)",
+        name,
+        int(bad.sum()),
+        int(brain.sum()),
+        EIGENVALUE_FLOOR,
+    )
+    return repaired
+
+
+def _nifti(data: np.ndarray, affine: np.ndarray, dtype) -> nib.Nifti1Image:
+    array = np.asarray(data).astype(dtype, copy=False)
+    image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
+    image.header.set_data_dtype(array.dtype)
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
+    return image
+
+
+def write_outputs(
+    output_dir: Path, images: dict[str, nib.Nifti1Image], record: dict[str, Any]
+) -> dict[str, Path]:
+    """Write every image to a temporary name, rename them all, then write the record.
+
+    Any error while writing removes the temporaries and leaves earlier files as they were; an
+    OSError (a full disk, a quota) is one sentence.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    temporaries: dict[str, Path] = {}
+    try:
+        for role, image in images.items():
+            fd, name = tempfile.mkstemp(
+                prefix=f".{OUTPUT_NAMES[role]}.", suffix=".tmp.nii.gz", dir=output_dir
+            )
+            os.close(fd)
+            temporaries[role] = Path(name)
+            nib.save(image, name)
+            os.chmod(name, 0o644)
+    except OSError as error:
+        for temporary in temporaries.values():
+            temporary.unlink(missing_ok=True)
+        raise InputError(
+            f"could not write the outputs to {output_dir} ({error.strerror or error}); nothing "
+            "was replaced."
+        ) from error
+    except BaseException:
+        for temporary in temporaries.values():
+            temporary.unlink(missing_ok=True)
+        raise
+    paths = {}
+    for role, temporary in temporaries.items():
+        paths[role] = output_dir / OUTPUT_NAMES[role]
+        os.replace(temporary, paths[role])
+    write_json(output_dir / RECORD_NAME, record)
+    return paths
+
+
+class PredictionWriter:
+    """Write one subject's prediction: tensor, HR mask, maps and the record.
+
+    Args:
+        repair_tensors: clip the eigenvalues of non-positive-definite brain tensors.
+    """
+
+    def __init__(self, repair_tensors: bool = False) -> None:
+        self.repair_tensors = bool(repair_tensors)
+
+    def __call__(
+        self,
+        output_dir: Path,
+        dt_hr: np.ndarray,
+        mask_hr: np.ndarray,
+        hr_affine: np.ndarray,
+        provenance: dict[str, Any],
+    ) -> dict[str, Path]:
+        mask_hr = np.asarray(mask_hr, dtype=bool)
+        dt_hr = np.where(mask_hr[..., None], dt_hr, 0).astype(np.float32)
+        dt_hr = repair_tensors(dt_hr, mask_hr, self.repair_tensors, str(output_dir))
+        maps = tensor_maps(dt_hr, mask_hr)
+        images = {
+            "dt_hr": _nifti(dt_hr, hr_affine, np.float32),
+            "mask_hr": _nifti(mask_hr, hr_affine, np.uint8),
+            **{key: _nifti(maps[key], hr_affine, np.float32) for key in ("md", "fa", "colour_fa")},
+        }
+        record = {
+            "tool": TOOL,
+            "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "outputs": dict(OUTPUT_NAMES),
+            "repair_tensors": self.repair_tensors,
+            **provenance,
+        }
+        return write_outputs(Path(output_dir), images, record)
