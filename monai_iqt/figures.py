@@ -150,13 +150,13 @@ def uncertainty_figure(
     """A model's actual error beside its predicted standard deviation (per-voxel RMS over the
     6 elements, 1e-5 mm^2/s, one colour scale): where it is unsure should be where it errs."""
     panels = {
-        "|error| (RMS over elements)": _axial(error, z) / RMSE_UNIT,
-        "predicted σ (RMS over elements)": _axial(sigma, z) / RMSE_UNIT,
+        "|error|": _axial(error, z) / RMSE_UNIT,
+        "predicted σ": _axial(sigma, z) / RMSE_UNIT,
     }
     vmax = max(float(np.percentile(p, 99.5)) for p in panels.values()) or 1.0
     figure, axes = _new_figure(2)
     image = _slice_panels(figure, axes, panels, affine, cmap="inferno", vmin=0, vmax=vmax)
-    figure.colorbar(image, ax=axes, shrink=0.8, label="1e-5 mm$^2$/s")
+    figure.colorbar(image, ax=axes, shrink=0.8, label="RMS over 6 elements (1e-5 mm$^2$/s)")
     figure.suptitle(title)
     return _save(figure, path)
 
