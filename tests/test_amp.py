@@ -74,11 +74,10 @@ def test_memory_efficient_trains_a_step_under_bfloat16_autocast() -> None:
 def test_gradient_error_at_most_1p5_plain_autograd_under_autocast(training: bool) -> None:
     """Against a float32 plain-autograd reference of the same weights and batch.
 
-    In train mode, freshly initialised, batch statistics of near-constant channels amplify
-    bfloat16 rounding (both modes are ~60 % off the float32 gradients); eval mode with
-    non-trivial running statistics is well conditioned (~0.4 %), and there the engine must also
-    agree with plain autograd under autocast far better than a float32 rebuild would (measured:
-    2e-4 vs 1.7e-3 when backward ignores the autocast state).
+    Measured: 2.1 % for both modes in train mode, 0.44 % in eval mode (non-trivial running
+    statistics). In eval mode, which is well conditioned, the engine must also agree with plain
+    autograd under autocast far better than a float32 rebuild would (measured 3e-4, against
+    2.3e-3 when backward ignores the autocast state).
     """
     networks = _networks()
     for net in networks.values():
@@ -93,7 +92,7 @@ def test_gradient_error_at_most_1p5_plain_autograd_under_autocast(training: bool
     assert errors["plain"] > 0
     assert errors["efficient"] <= 1.5 * errors["plain"], errors
     if not training:
-        assert _relative(efficient, plain) <= 5e-4, _relative(efficient, plain)
+        assert _relative(efficient, plain) <= 1e-3, _relative(efficient, plain)
 
 
 def test_backward_rebuilds_in_the_forward_autocast_dtype() -> None:

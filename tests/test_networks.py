@@ -128,3 +128,46 @@ def test_swapped_module_runs_in_both_modes() -> None:
     assert not torch.allclose(outputs[1][0], before)
     for got, expected in zip(outputs[1], outputs[0], strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def _std_within_sampling(weight: torch.Tensor, expected_std: float) -> bool:
+    weight = weight.detach().double()
+    tolerance = 5 / (2 * weight.numel()) ** 0.5  # 5 sampling standard errors of a std
+    return abs(float(weight.std()) / expected_std - 1) <= tolerance
+
+
+def test_he_initialisation_is_the_default() -> None:
+    """The ESPCN convolutions N(0, 2 / fan_in) (He et al. 2015, the paper's), biases zero; the
+    reversible blocks keep PyTorch's uniform init, std sqrt(1 / (3 fan_in))."""
+    torch.manual_seed(0)
+    net = ESPCN_RN(1)
+    for name in ("conv1", "conv2", "conv3"):
+        weight = getattr(net, name).weight
+        fan_in = weight[0].numel()  # input channels x kernel volume
+        assert _std_within_sampling(weight, (2 / fan_in) ** 0.5), name
+        assert abs(float(weight.mean())) <= 5 * (2 / fan_in / weight.numel()) ** 0.5, name
+        assert not getattr(net, name).bias.any(), name
+    block_conv = net.stacks[2][0].f.conv2.weight
+    assert _std_within_sampling(block_conv, (1 / (3 * block_conv[0].numel())) ** 0.5)
+    pytorch_default = ESPCN_RN(1, init="default").conv1.weight
+    assert _std_within_sampling(pytorch_default, (1 / (3 * 6 * 27)) ** 0.5)
+
+
+def test_icnr_gives_identical_sub_pixel_kernels() -> None:
+    torch.manual_seed(0)
+    r = 2
+    for net in (ESPCN(init="icnr"), ESPCN_RN(1, init="icnr")):
+        kernels = net.conv3.weight.detach().reshape(6, r**3, -1)  # pixelshuffle's channel order
+        assert torch.equal(kernels, kernels[:, :1].expand_as(kernels))
+        assert not torch.equal(kernels[0, 0], kernels[1, 0])
+        # one constant LR input gives r^3 equal HR voxels in every block
+        out = net(torch.ones(1, 6, 5, 5, 5)).detach()
+        assert out.shape == (1, 6, 2, 2, 2)
+        torch.testing.assert_close(out, out[:, :, :1, :1, :1].expand_as(out), rtol=0, atol=0)
+    he = ESPCN().conv3.weight.detach().reshape(6, r**3, -1)
+    assert not torch.equal(he[:, 0], he[:, 1])
+
+
+def test_bad_init() -> None:
+    with pytest.raises(ValueError, match="init must be one of he, icnr, default"):
+        ESPCN_RN(1, init="xavier")

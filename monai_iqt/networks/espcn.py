@@ -12,6 +12,8 @@ import torch
 from monai.networks.utils import pixelshuffle
 from torch import nn
 
+from monai_iqt.networks.initialisation import initialise
+
 #: LR voxels lost on each side by the valid 3^3, 1^3, 3^3 convolutions (1 + 0 + 1).
 VALID_SHRINK = 2
 
@@ -50,14 +52,21 @@ class ESPCN(nn.Module):
     :attr:`halo` = 2 LR voxels on each side (a 5^3 receptive field), and the output LR grid
     is :attr:`valid_shrink` = 2 voxels smaller on each side than the input.
 
+    Initialisation (``init``): "he" (default, as in the paper): every convolution weight
+    He-normal, N(0, 2 / fan_in) with fan_in = input channels x kernel volume, biases zero;
+    "icnr": the same, except that the sub-pixel convolution ``conv3`` gets ICNR (one He kernel
+    repeated for the r^3 sub-pixel positions of each output channel); "default": PyTorch's.
+    See :mod:`monai_iqt.networks.initialisation`.
+
     Args:
         in_channels: input channels (6 unique diffusion tensor elements).
         upscale_factor: r; the output has ``in_channels`` channels at r times the resolution.
+        init: "he", "icnr" or "default".
     """
 
     valid_shrink: int = VALID_SHRINK
 
-    def __init__(self, in_channels: int = 6, upscale_factor: int = 2) -> None:
+    def __init__(self, in_channels: int = 6, upscale_factor: int = 2, init: str = "he") -> None:
         super().__init__()
         check_upscale_factor(upscale_factor)
         if in_channels < 1:
@@ -68,6 +77,7 @@ class ESPCN(nn.Module):
         self.conv1 = nn.Conv3d(in_channels, hidden1, kernel_size=3)
         self.conv2 = nn.Conv3d(hidden1, hidden2, kernel_size=1)
         self.conv3 = nn.Conv3d(hidden2, in_channels * upscale_factor**3, kernel_size=3)
+        initialise(self, init, [self.conv3], upscale_factor)
 
     @property
     def halo(self) -> int:
