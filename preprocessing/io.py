@@ -9,7 +9,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import queue
 import tempfile
+import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,6 +20,8 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from nibabel.openers import Opener
+from nibabel.volumeutils import apply_read_scaling
 
 #: Order of the 6 unique diffusion tensor elements along the last (NIfTI) or channel (torch)
 #: axis: DIPY's lower-triangular order (``dipy.reconst.dti.lower_triangular``). Units mm^2/s;
@@ -278,27 +282,34 @@ def iter_volumes(
     indices: Sequence[int] | np.ndarray,
     dtype: type | np.dtype = np.float32,
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """(index, volume) pairs of a 4D NIfTI, read one by one in increasing file order.
+    """(position in ``indices``, volume) pairs of a 4D NIfTI, read in increasing file order.
 
-    Volumes are checked for NaN/inf; a truncated or unreadable file is one sentence naming it.
+    A file-backed image is streamed from its start in one pass: a reader thread decompresses
+    volume after volume (zlib releases the GIL) while the caller works on the previous one, with
+    at most a few volumes in flight. Scaling (``scl_slope``/``scl_inter``) is applied as nibabel
+    does. Volumes are checked for NaN/inf; a truncated or unreadable file is one sentence.
     """
     image, path = path_or_image, getattr(path_or_image, "get_filename", lambda: None)()
     if not isinstance(image, nib.spatialimages.SpatialImage) or path is not None:
-        # Reopen with the file kept open: a gzipped series is then decompressed once.
         path = path_or_image if path is None else path
-        try:
-            image = nib.load(path, keep_file_open=True)
-        except Exception as error:  # nibabel raises several types for unreadable files
-            raise InputError(f"{path} cannot be read as NIfTI ({error}).") from error
+        image = load_nifti(path)
     else:
         path = "the image"
     if len(image.shape) != 4:
         raise InputError(f"{path} has shape {tuple(image.shape)}, but a 4D series is needed.")
-    order = np.argsort(np.asarray(indices, dtype=np.int64), kind="stable")
+    indices = np.asarray(indices, dtype=np.int64)
+    order = np.argsort(indices, kind="stable")
+    proxy = image.dataobj
+    streamed = isinstance(proxy, nib.arrayproxy.ArrayProxy) and path != "the image"
+    volumes = _stream_volumes(path, proxy, indices[order]) if streamed else None
     try:
         for position in order:
-            index = int(np.asarray(indices)[position])
-            volume = np.asarray(image.dataobj[..., index], dtype=dtype)
+            index = int(indices[position])
+            if volumes is None:
+                raw = image.dataobj[..., index]
+            else:
+                raw = next(volumes)
+            volume = np.asarray(raw, dtype=dtype)
             if not np.isfinite(volume).all():
                 raise InputError(f"{path} volume {index} contains NaN or inf values.")
             yield int(position), volume
@@ -307,7 +318,60 @@ def iter_volumes(
     except (OSError, EOFError, ValueError, zlib.error) as error:
         raise InputError(f"{path} cannot be read: {error}.") from error
     finally:
-        image.uncache()
+        if volumes is not None:
+            volumes.close()
+
+
+def _stream_volumes(
+    path: str | os.PathLike, proxy: nib.arrayproxy.ArrayProxy, indices: np.ndarray
+) -> Iterator[np.ndarray]:
+    """Scaled volumes ``indices`` (increasing) of a NIfTI file, decompressed by a reader thread."""
+    spatial = tuple(int(n) for n in proxy.shape[:3])
+    raw_dtype = np.dtype(proxy.dtype)
+    volume_bytes = int(np.prod(spatial)) * raw_dtype.itemsize
+    wanted = set(int(i) for i in indices)
+    last = int(indices[-1]) if len(indices) else -1
+    handoff: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            with Opener(path) as stream:
+                stream.seek(proxy.offset)
+                skipped = bytearray(volume_bytes)
+                for index in range(last + 1):
+                    buffer = bytearray(volume_bytes) if index in wanted else skipped
+                    got = stream.readinto(buffer)
+                    if got != volume_bytes:
+                        raise EOFError(
+                            f"volume {index} ends after {got} of its {volume_bytes} bytes"
+                        )
+                    if index in wanted and not put(buffer):
+                        return
+        except BaseException as error:  # handed to the caller's thread
+            put(error)
+
+    reader = threading.Thread(target=read, name="nifti-reader", daemon=True)
+    reader.start()
+    try:
+        for _ in range(len(indices)):
+            item = handoff.get()
+            if isinstance(item, BaseException):
+                raise item
+            volume = np.frombuffer(item, dtype=raw_dtype).reshape(spatial, order=proxy.order)
+            yield apply_read_scaling(volume, proxy.slope, proxy.inter)
+    finally:
+        stop.set()
+        reader.join()
 
 
 def stack_volumes(

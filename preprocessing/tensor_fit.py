@@ -148,7 +148,7 @@ def _single_threaded_blas():
 
 def count_non_positive_definite(tensors: np.ndarray, mask: np.ndarray) -> int:
     """Number of voxels in ``mask`` whose tensor has an eigenvalue <= 0."""
-    inside = np.asarray(tensors, dtype=np.float64)[np.asarray(mask, dtype=bool)]
+    inside = np.asarray(tensors)[np.asarray(mask, dtype=bool)].astype(np.float64)
     if inside.size == 0:
         return 0
     smallest = np.linalg.eigvalsh(from_lower_triangular(inside))[:, 0]
