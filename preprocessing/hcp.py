@@ -489,6 +489,10 @@ def preprocess_hcp(
     if not subject_ids:
         raise InputError(f"HCP root {hcp_root} contains no subject folder.")
     out = Path(out)
+    if out.resolve() == Path(hcp_root).resolve():
+        raise InputError(
+            f"--out {out} is the HCP root itself; write the preprocessed dataset to another folder."
+        )
     _check_dataset_settings(out, subject_ids, options, overwrite)
     check_writable_folder(out, "--out")
     workers = min(workers, len(subject_ids))

@@ -96,6 +96,16 @@ def test_unknown_fit_method_is_refused_before_reading_data(hcp, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_out_equal_to_the_hcp_root_is_refused(hcp, tmp_path):
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = _cli("--hcp-root", str(hcp), "--out", str(tmp_path / "." / "hcp"))
+    assert _one_sentence(result) == (
+        f"--out {tmp_path / 'hcp'} is the HCP root itself; write the preprocessed dataset to "
+        "another folder."
+    )
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 def test_out_below_a_file_is_refused_before_any_fit(hcp, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
