@@ -498,6 +498,13 @@ def preprocess_hcp(
     workers = min(workers, len(subject_ids))
     if fit_workers is None:
         fit_workers = default_fit_workers(workers)
+    elif workers * fit_workers > default_fit_workers(1):
+        log.warning(
+            "%d subject processes x %d fit threads on %d cores: they will compete for the cores",
+            workers,
+            fit_workers,
+            default_fit_workers(1),
+        )
     summary = RunSummary()
     jobs = [
         (sid, Path(hcp_root) / sid, out / sid, options, overwrite, fit_workers)

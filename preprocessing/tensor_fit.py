@@ -125,13 +125,15 @@ def fit_dti(
             tensors[chunk] = model.fit(signal).lower_triangular()
 
     starts = range(0, coordinates[0].size, CHUNK_VOXELS)
-    if workers <= 1 or len(starts) <= 1:
-        for start in starts:
-            fit_chunk(start)
-    else:
-        with _single_threaded_blas(), ThreadPoolExecutor(max_workers=workers) as pool:
-            for _ in pool.map(fit_chunk, starts):  # re-raises a chunk's error
-                pass
+    # Each voxel's problem is tiny (N x 7): BLAS threads would only compete with ours.
+    with _single_threaded_blas():
+        if workers <= 1 or len(starts) <= 1:
+            for start in starts:
+                fit_chunk(start)
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for _ in pool.map(fit_chunk, starts):  # re-raises a chunk's error
+                    pass
     return tensors
 
 
