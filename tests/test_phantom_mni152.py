@@ -129,6 +129,13 @@ def test_corpus_callosum_runs_left_right_at_the_midline(brain, eigen, template_c
     capsule = wm & (np.abs(np.abs(x) - 22) < 4) & (y > -20) & (y < -5) & (z > 0) & (z < 10)
     assert capsule.sum() >= 20
     assert np.mean(np.abs(evecs[..., :, 0][capsule][:, 2]) > 0.8) > 0.8
+    # Above it the corona radiata fans out: up and to the right in the right hemisphere, which
+    # in LAS voxel axes (axis 0 points left) makes the axis-0 and axis-2 components opposite.
+    for side in (1, -1):
+        corona = wm & (np.abs(side * x - 30) < 5) & (y > -25) & (y < -5) & (z > 38) & (z < 50)
+        principal = evecs[..., :, 0][corona]
+        assert corona.sum() >= 10
+        assert np.mean(side * principal[:, 0] * principal[:, 2] < 0) > 0.8, side
 
 
 def test_crossing_fibres_exist(brain, eigen):
