@@ -32,6 +32,14 @@ to 8 mantissa bits would make the inverse drift. Measured (ESPCN-RN4, batch 4, C
 ``tests/test_amp.py``): gradient error against float32 2.10 % vs plain autograd's 2.10 % in
 train mode, 0.442 % vs 0.442 % in eval mode.
 
+Dropout: the masks F, G and the stack input drew in forward are replayed in backward. Forward
+saves the random state once per segment (``torch.get_rng_state``, plus the CUDA state for CUDA
+inputs, as ``torch.utils.checkpoint``'s ``preserve_rng_state`` does); backward redraws all the
+segment's masks from it, in forward order, under ``torch.random.fork_rng``, and sets them on the
+layers while it rebuilds (:class:`~monai_iqt.engine.dropout.DropoutReplay`). Kept between
+forward and backward: one 5056-byte CPU random state per segment (three per network) whatever
+N; in backward, transiently, the segment's 2N + 1 boolean masks of B x C entries each.
+
 BatchNorm running statistics are updated once per training forward: the rebuild runs with
 ``track_running_stats`` switched off (:func:`running_stats_frozen`), so BatchNorm still
 normalises with the batch statistics but leaves its buffers alone.
@@ -58,6 +66,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from monai_iqt.engine.dropout import DropoutReplay
 
 
 @contextmanager
@@ -115,21 +125,36 @@ class AutocastState:
 
 
 class ReversibleSegment(nn.Module):
-    """View of "optional convolution + ReLU, then reversible blocks" for :func:`run_segment`.
+    """View of "optional convolution + ReLU (+ dropout), then reversible blocks" for
+    :func:`run_segment`.
 
     Holds references to modules owned elsewhere (it is not registered as a submodule by
     the networks, so it adds no state-dict keys). Every block must provide ``f`` and ``g``
     modules acting on half of the channels, as :class:`monai_iqt.networks.RevBlock` does.
+    Dropout inside the segment must be :class:`~monai_iqt.engine.dropout.ChannelDropout3d`,
+    registered in the order it is called (the engine replays the masks in that order).
     """
 
-    def __init__(self, conv: nn.Module | None, blocks: Sequence[nn.Module]) -> None:
+    def __init__(
+        self,
+        conv: nn.Module | None,
+        blocks: Sequence[nn.Module],
+        dropout: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.conv = conv
+        self.dropout = dropout
         self.blocks = nn.ModuleList(blocks)
 
     def stack_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``relu(conv(x))`` in ``x``'s dtype (the stack's stream keeps it under autocast)."""
-        return x if self.conv is None else torch.relu(self.conv(x)).to(x.dtype)
+        """``dropout(relu(conv(x)))`` in ``x``'s dtype (the stack's stream keeps it under
+        autocast); ``x`` itself without a convolution."""
+        if self.conv is None:
+            return x
+        h = torch.relu(self.conv(x))
+        if self.dropout is not None:
+            h = self.dropout(h)
+        return h.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Plain (autograd-recorded or no-grad) run of the segment."""
@@ -204,6 +229,7 @@ class _ReversibleSegmentFunction(torch.autograd.Function):
         ctx.segment = segment
         ctx.params = params
         ctx.autocast = AutocastState.current()
+        ctx.dropout = DropoutReplay(segment, x)  # before anything in the segment draws
         blocks = segment.blocks
         x_a, x_b = forward_halves(blocks[0], *split_halves(segment.stack_input(x)))
         second_block_x_b = x_b if len(blocks) > 1 else None  # see the module docstring
@@ -223,7 +249,12 @@ class _ReversibleSegmentFunction(torch.autograd.Function):
         y_a, y_b = split_halves(y)
         gy_a, gy_b = split_halves(grad_y)
         need_x_grad = ctx.needs_input_grad[1]
-        with torch.enable_grad(), ctx.autocast.restored(), running_stats_frozen(segment):
+        with (
+            torch.enable_grad(),
+            ctx.autocast.restored(),
+            ctx.dropout.replayed(),
+            running_stats_frozen(segment),
+        ):
             for index in range(len(blocks) - 1, 0, -1):
                 exact_x_b = second_block_x_b if index == 1 else None
                 y_a, y_b, gy_a, gy_b = _block_backward(

@@ -4,6 +4,13 @@ Conv 3^3 6->50, ReLU, Conv 1^3 50->100, ReLU, Conv 3^3 100->6 r^3, then a 3D pix
 (:func:`monai.networks.utils.pixelshuffle`). All convolutions are *valid* (no padding), so each
 side of the LR grid shrinks by :data:`VALID_SHRINK` = 2 voxels: an 11^3 LR patch gives a 7^3
 LR-grid output, i.e. 14^3 HR voxels for ``upscale_factor=2``.
+
+Uncertainty (Tanno et al., MICCAI 2017 and NeuroImage 2021): ``predict_variance=True`` adds a
+second sub-pixel head ``conv3_log_var`` (same shape as ``conv3``, on the same hidden features)
+whose pixel-shuffled output is a per-voxel, per-element log-variance (intrinsic uncertainty,
+trained with a Gaussian negative log-likelihood, :mod:`monai_iqt.losses`); ``dropout_rate > 0``
+adds channel-wise 3D dropout after both hidden ReLUs (parameter uncertainty by Monte Carlo
+dropout, :func:`monai_iqt.engine.dropout.fixed_dropout_masks`).
 """
 
 from __future__ import annotations
@@ -12,10 +19,15 @@ import torch
 from monai.networks.utils import pixelshuffle
 from torch import nn
 
+from monai_iqt.engine.dropout import ChannelDropout3d, check_dropout_rate
 from monai_iqt.networks.initialisation import initialise
 
 #: LR voxels lost on each side by the valid 3^3, 1^3, 3^3 convolutions (1 + 0 + 1).
 VALID_SHRINK = 2
+
+#: The log-variance head's soft bound: log_var = B tanh(raw / B) lies in (-B, B), so the
+#: variance stays within [4.5e-5, 2.2e4] (normalised units) and exp(-log_var) in float32 range.
+LOG_VAR_BOUND = 10.0
 
 #: Channels of the two hidden ESPCN layers (Tanno et al. 2017).
 HIDDEN_CHANNELS = (50, 100)
@@ -34,6 +46,27 @@ def check_network_input(x: torch.Tensor, in_channels: int, min_size: int) -> Non
             f"every spatial side must be at least {min_size} LR voxels for the valid "
             f"convolutions, got shape {tuple(x.shape)}"
         )
+
+
+def bound_log_var(raw: torch.Tensor) -> torch.Tensor:
+    """Soft clamp to (-:data:`LOG_VAR_BOUND`, :data:`LOG_VAR_BOUND`): B tanh(raw / B), the
+    identity near 0 (slope 1) and smooth everywhere, unlike a hard clamp that stops gradients."""
+    return LOG_VAR_BOUND * torch.tanh(raw / LOG_VAR_BOUND)
+
+
+def split_mean_log_var(
+    pred: torch.Tensor, channels: int = 6
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mean, log_var) of a network output: channels [:C] and [C:] of a (B, 2C, ...) prediction,
+    or (pred, None) for a (B, C, ...) one. The log-variance is in normalised target units."""
+    if pred.dim() < 2 or pred.shape[1] not in (channels, 2 * channels):
+        raise ValueError(
+            f"expected a prediction with {channels} (mean) or {2 * channels} (mean and "
+            f"log-variance) channels, got shape {tuple(pred.shape)}"
+        )
+    if pred.shape[1] == channels:
+        return pred, None
+    return pred[:, :channels], pred[:, channels:]
 
 
 def check_upscale_factor(upscale_factor: int) -> None:
@@ -58,26 +91,51 @@ class ESPCN(nn.Module):
     repeated for the r^3 sub-pixel positions of each output channel); "default": PyTorch's.
     See :mod:`monai_iqt.networks.initialisation`.
 
+    Output: (B, C, rX', rY', rZ') with C = ``in_channels``; with ``predict_variance`` (B, 2C,
+    ...): channels [:C] the mean, [C:] the log-variance in normalised units, bounded by
+    :func:`bound_log_var` to (-10, 10) for float32 stability (:func:`split_mean_log_var`).
+
     Args:
         in_channels: input channels (6 unique diffusion tensor elements).
         upscale_factor: r; the output has ``in_channels`` channels at r times the resolution.
-        init: "he", "icnr" or "default".
+        predict_variance: add the log-variance head ``conv3_log_var``.
+        dropout_rate: channel-wise 3D dropout after both hidden ReLUs, in [0, 1); 0 adds no
+            dropout layer. Dropout has no parameters: state dicts do not depend on it.
+        init: "he", "icnr" (both heads) or "default".
     """
 
     valid_shrink: int = VALID_SHRINK
 
-    def __init__(self, in_channels: int = 6, upscale_factor: int = 2, init: str = "he") -> None:
+    def __init__(
+        self,
+        in_channels: int = 6,
+        upscale_factor: int = 2,
+        predict_variance: bool = False,
+        dropout_rate: float = 0.0,
+        init: str = "he",
+    ) -> None:
         super().__init__()
         check_upscale_factor(upscale_factor)
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
         self.in_channels = in_channels
         self.upscale_factor = upscale_factor
+        self.predict_variance = bool(predict_variance)
+        self.dropout_rate = check_dropout_rate(dropout_rate)
         hidden1, hidden2 = HIDDEN_CHANNELS
+        out_channels = in_channels * upscale_factor**3
         self.conv1 = nn.Conv3d(in_channels, hidden1, kernel_size=3)
         self.conv2 = nn.Conv3d(hidden1, hidden2, kernel_size=1)
-        self.conv3 = nn.Conv3d(hidden2, in_channels * upscale_factor**3, kernel_size=3)
-        initialise(self, init, [self.conv3], upscale_factor)
+        self.conv3 = nn.Conv3d(hidden2, out_channels, kernel_size=3)
+        heads = [self.conv3]
+        if self.predict_variance:
+            self.conv3_log_var = nn.Conv3d(hidden2, out_channels, kernel_size=3)
+            heads.append(self.conv3_log_var)
+        self.dropout1 = self.dropout2 = None
+        if self.dropout_rate > 0:
+            self.dropout1 = ChannelDropout3d(hidden1, self.dropout_rate)
+            self.dropout2 = ChannelDropout3d(hidden2, self.dropout_rate)
+        initialise(self, init, heads, upscale_factor)
 
     @property
     def halo(self) -> int:
@@ -88,8 +146,20 @@ class ESPCN(nn.Module):
         """LR-grid channels (B, C r^3, X, Y, Z) -> HR voxels (B, C, rX, rY, rZ)."""
         return pixelshuffle(x, spatial_dims=3, scale_factor=self.upscale_factor)
 
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """The sub-pixel output from the last hidden features: the mean, or [mean, log_var]."""
+        mean = self.shuffle(self.conv3(features))
+        if not self.predict_variance:
+            return mean
+        log_var = bound_log_var(self.shuffle(self.conv3_log_var(features)))
+        return torch.cat((mean, log_var), dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_network_input(x, self.in_channels, 2 * VALID_SHRINK + 1)
         x = torch.relu(self.conv1(x))
+        if self.dropout1 is not None:
+            x = self.dropout1(x)
         x = torch.relu(self.conv2(x))
-        return self.shuffle(self.conv3(x))
+        if self.dropout2 is not None:
+            x = self.dropout2(x)
+        return self.head(x)

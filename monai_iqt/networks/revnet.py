@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from monai_iqt.engine.dropout import ChannelDropout3d
 from monai_iqt.engine.reversible import (
     ReversibleSegment,
     forward_halves,
@@ -45,19 +46,24 @@ def receptive_halo(num_blocks: int) -> int:
 
 class ResidualBottleneck(nn.Module):
     """Pre-activation bottleneck residual function (He et al. 2016), the F and G of a RevBlock:
-    BN-ReLU-Conv1^3-BN-ReLU-Conv3^3 (zero padding 1)-BN-ReLU-Conv1^3, same spatial size.
+    BN-ReLU-Conv1^3-BN-ReLU-[Dropout]-Conv3^3 (zero padding 1)-BN-ReLU-Conv1^3, same spatial
+    size.
 
     Args:
         channels: input and output channels.
         hidden_channels: channels of the two inner convolutions (default ``channels``).
+        dropout_rate: channel-wise 3D dropout after the middle ReLU; 0 adds no layer.
     """
 
-    def __init__(self, channels: int, hidden_channels: int | None = None) -> None:
+    def __init__(
+        self, channels: int, hidden_channels: int | None = None, dropout_rate: float = 0.0
+    ) -> None:
         super().__init__()
         hidden = channels if hidden_channels is None else hidden_channels
         self.norm1 = nn.BatchNorm3d(channels)
         self.conv1 = nn.Conv3d(channels, hidden, kernel_size=1, bias=False)
         self.norm2 = nn.BatchNorm3d(hidden)
+        self.dropout = ChannelDropout3d(hidden, dropout_rate) if dropout_rate > 0 else None
         self.conv2 = nn.Conv3d(hidden, hidden, kernel_size=3, padding=1, bias=False)
         self.norm3 = nn.BatchNorm3d(hidden)
         self.conv3 = nn.Conv3d(hidden, channels, kernel_size=1)
@@ -65,7 +71,10 @@ class ResidualBottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # In-place ReLUs act on fresh BatchNorm outputs, which BatchNorm's backward never reads.
         x = self.conv1(torch.relu_(self.norm1(x)))
-        x = self.conv2(torch.relu_(self.norm2(x)))
+        x = torch.relu_(self.norm2(x))
+        if self.dropout is not None:
+            x = self.dropout(x)
+        x = self.conv2(x)
         return self.conv3(torch.relu_(self.norm3(x)))
 
 
@@ -78,9 +87,12 @@ class RevBlock(nn.Module):
     Args:
         channels: channels of X and Y; must be even (split into two halves).
         hidden_channels: inner width of F and G (default ``channels // 2``).
+        dropout_rate: channel-wise 3D dropout inside F and G (see :class:`ResidualBottleneck`).
     """
 
-    def __init__(self, channels: int, hidden_channels: int | None = None) -> None:
+    def __init__(
+        self, channels: int, hidden_channels: int | None = None, dropout_rate: float = 0.0
+    ) -> None:
         super().__init__()
         if channels < 2 or channels % 2:
             raise ValueError(
@@ -89,8 +101,8 @@ class RevBlock(nn.Module):
             )
         self.channels = channels
         half = channels // 2
-        self.f = ResidualBottleneck(half, hidden_channels)
-        self.g = ResidualBottleneck(half, hidden_channels)
+        self.f = ResidualBottleneck(half, hidden_channels, dropout_rate)
+        self.g = ResidualBottleneck(half, hidden_channels, dropout_rate)
 
     def _check(self, x: torch.Tensor) -> None:
         if x.dim() != 5 or x.shape[1] != self.channels:
@@ -116,9 +128,16 @@ class ESPCN_RN(ESPCN):  # noqa: N801 - the paper's name
     """ESPCN-RN-N: the 3D ESPCN with a stack of ``num_blocks`` reversible blocks before each of
     its three convolutions (Blumberg et al. 2018, Fig. 3a). ``num_blocks=0`` is the ESPCN.
 
-    The state dict holds ``conv1.*``, ``conv2.*``, ``conv3.*`` (as :class:`ESPCN`) and
-    ``stacks.{0,1,2}.{i}.{f,g}.*``; it is the same in both modes, so weights trained in one
-    load into the other.
+    The state dict holds ``conv1.*``, ``conv2.*``, ``conv3.*`` (and ``conv3_log_var.*`` with
+    ``predict_variance``) as :class:`ESPCN`, and ``stacks.{0,1,2}.{i}.{f,g}.*``; it is the same
+    in both modes and whatever the dropout rate, so weights trained in one load into the other.
+
+    Uncertainty: ``predict_variance`` adds the log-variance head of :class:`ESPCN` (output
+    (B, 2C, ...), see :func:`~monai_iqt.networks.espcn.split_mean_log_var`); ``dropout_rate``
+    adds channel-wise 3D dropout after the ESPCN's hidden ReLUs and after the middle ReLU of
+    every F and G. In memory-efficient mode backward replays the forward's dropout masks from
+    one random state saved per stack (:mod:`monai_iqt.engine.reversible`), so both modes give
+    the same gradients for the same seed.
 
     ``memory_efficient=True`` uses the reversible engine whenever autograd records (grad enabled
     and an input or parameter requires grad), in train and in eval mode; inference under
@@ -133,6 +152,8 @@ class ESPCN_RN(ESPCN):  # noqa: N801 - the paper's name
         memory_efficient: rebuild activations in backward instead of storing them.
         in_channels: input channels (6 tensor elements).
         upscale_factor: r (>= 1).
+        predict_variance: also output a bounded per-voxel log-variance.
+        dropout_rate: channel-wise 3D dropout rate in [0, 1); 0 adds no dropout layer.
         init: initialisation of the ESPCN's convolutions: "he" (the paper's: He-normal fan_in
             weights, zero biases), "icnr" (He, with ICNR for the sub-pixel ``conv3``) or
             "default" (PyTorch's); see :class:`ESPCN`. The reversible blocks keep PyTorch's
@@ -147,6 +168,8 @@ class ESPCN_RN(ESPCN):  # noqa: N801 - the paper's name
         memory_efficient: bool = False,
         in_channels: int = 6,
         upscale_factor: int = 2,
+        predict_variance: bool = False,
+        dropout_rate: float = 0.0,
         init: str = "he",
     ) -> None:
         if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 0:
@@ -156,12 +179,21 @@ class ESPCN_RN(ESPCN):  # noqa: N801 - the paper's name
                 f"reversible blocks split channels into two halves: in_channels must be even, "
                 f"got {in_channels}"
             )
-        super().__init__(in_channels=in_channels, upscale_factor=upscale_factor, init=init)
+        super().__init__(
+            in_channels=in_channels,
+            upscale_factor=upscale_factor,
+            predict_variance=predict_variance,
+            dropout_rate=dropout_rate,
+            init=init,
+        )
         self.num_blocks = num_blocks
         self.memory_efficient = memory_efficient
         widths = (in_channels, *HIDDEN_CHANNELS)
         self.stacks = nn.ModuleList(
-            nn.ModuleList(RevBlock(width) for _ in range(num_blocks)) for width in widths
+            nn.ModuleList(
+                RevBlock(width, dropout_rate=self.dropout_rate) for _ in range(num_blocks)
+            )
+            for width in widths
         )
 
     @property
@@ -170,15 +202,18 @@ class ESPCN_RN(ESPCN):  # noqa: N801 - the paper's name
         return receptive_halo(self.num_blocks)
 
     def segments(self) -> tuple[ReversibleSegment, ...]:
-        """The three "(ESPCN convolution + ReLU,) reversible stack" views the forward runs.
+        """The three "(ESPCN convolution + ReLU + dropout,) reversible stack" views the forward
+        runs.
 
         Built from the current modules at every call (a few microseconds), so a swapped module
         (``net.conv1 = fused_conv``, quantisation) is what both execution modes run. The views
         are not submodules and add no state-dict keys.
         """
         convs = (None, self.conv1, self.conv2)
+        dropouts = (None, self.dropout1, self.dropout2)
         return tuple(
-            ReversibleSegment(conv, stack) for conv, stack in zip(convs, self.stacks, strict=True)
+            ReversibleSegment(conv, stack, dropout)
+            for conv, stack, dropout in zip(convs, self.stacks, dropouts, strict=True)
         )
 
     def _records_autograd(self, x: torch.Tensor) -> bool:
@@ -192,4 +227,4 @@ class ESPCN_RN(ESPCN):  # noqa: N801 - the paper's name
         a = x
         for segment in self.segments():
             a = run_segment(segment, a) if efficient else segment(a)
-        return self.shuffle(self.conv3(a))
+        return self.head(a)

@@ -1,0 +1,68 @@
+"""Training losses: RMSE (the paper's) and the Gaussian negative log-likelihood of a network that
+also predicts a per-voxel log-variance (Tanno et al. 2017, heteroscedastic intrinsic uncertainty).
+
+Predictions are (B, C, ...) means or (B, 2C, ...) [mean, log_var] (see
+:func:`monai_iqt.networks.split_mean_log_var`); targets are (B, C, ...), in normalised units.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from monai_iqt.networks.espcn import split_mean_log_var
+from monai_iqt.training.handlers import RMSELoss
+
+LOSSES = ("rmse", "gaussian_nll")
+
+
+def _mean_and_log_var(
+    pred: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if target.dim() < 2:
+        raise ValueError(f"expected a (batch, channels, ...) target, got {tuple(target.shape)}")
+    mean, log_var = split_mean_log_var(pred, channels=target.shape[1])
+    if mean.shape != target.shape:
+        raise ValueError(
+            f"prediction mean {tuple(mean.shape)} and target {tuple(target.shape)} differ in shape"
+        )
+    return mean, log_var
+
+
+class MeanRMSELoss(nn.Module):
+    """RMSE of the mean channels: a [mean, log_var] prediction is scored on its mean only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rmse = RMSELoss()
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        mean, _ = _mean_and_log_var(pred, target)
+        return self.rmse(mean, target)
+
+
+class GaussianNLLLoss(nn.Module):
+    """Mean over every voxel and element of 0.5 (log_var + (target - mean)^2 exp(-log_var)),
+    the Gaussian negative log-likelihood without its constant 0.5 log(2 pi).
+
+    Computed from the log-variance directly (no exp then log), which together with the network's
+    bounded log-variance (|log_var| < 10) keeps it finite in float32.
+    """
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        mean, log_var = _mean_and_log_var(pred, target)
+        if log_var is None:
+            raise ValueError(
+                f"the gaussian_nll loss needs a prediction with {2 * target.shape[1]} channels "
+                f"(mean and log-variance, predict_variance=True), got {pred.shape[1]}"
+            )
+        return 0.5 * (log_var + (target - mean).square() * torch.exp(-log_var)).mean()
+
+
+def build_loss(name: str) -> nn.Module:
+    """The training loss called ``name``: "rmse" or "gaussian_nll"."""
+    if name == "rmse":
+        return MeanRMSELoss()
+    if name == "gaussian_nll":
+        return GaussianNLLLoss()
+    raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {name!r}")
