@@ -172,7 +172,7 @@ def load_mask(mask_path: Path, shape: tuple[int, ...], image_path: Path) -> np.n
             f"mask {mask_path} has shape {tuple(mask_image.shape)} but {image_path} has spatial "
             f"shape {tuple(shape)}."
         )
-    mask = read_nifti(mask_path)[0] > 0
+    mask = read_nifti(mask_path)[0] > 0  # a truncated mask: one sentence naming it
     if not mask.any():
         raise InputError(f"mask {mask_path} is empty.")
     return mask
