@@ -28,7 +28,7 @@ from scipy import stats as scipy_stats
 from monai_iqt import figures
 from monai_iqt.bundle import as_bool, exit_on_bad_input
 from monai_iqt.data.subjects import Subject, inspect_subject, load_subject
-from monai_iqt.inference import DEFAULT_ROI_SIZE, check_output_dir, make_inferer
+from monai_iqt.inferers import DEFAULT_ROI_SIZE, make_inferer
 from monai_iqt.maps import tensor_maps
 from monai_iqt.metrics import (
     BASELINE_ORDERS,
@@ -40,6 +40,7 @@ from monai_iqt.metrics import (
     uncertainty_metrics,
     voxel_rms,
 )
+from monai_iqt.outputs import check_writable
 from preprocessing.io import InputError, write_json, write_text
 from preprocessing.layout import DT_HR, DT_LR, MASK_HR, MASK_LR, find_subjects
 
@@ -364,7 +365,7 @@ def evaluate(
     trained = sorted({s for f in facts.values() for s in f["training_subjects"]})
     folders = select_subjects(dataset_dir, subjects, trained)
     headers = [inspect_subject(folder) for folder in folders]  # every header before any voxel
-    out = None if output_dir is None else check_output_dir(output_dir)
+    out = None if output_dir is None else check_writable(output_dir)
     figure_subject = str(figure_subject) if figure_subject is not None else headers[0].name
     if figure_subject not in {h.name for h in headers}:
         raise InputError(f"figure_subject {figure_subject} is not among the evaluated subjects.")

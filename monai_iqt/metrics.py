@@ -23,14 +23,6 @@ BASELINE_ORDERS: dict[str, int] = {"nearest": 0, "trilinear": 1, "cubic": 3}
 REGIONS = ("interior", "exterior", "total")
 
 
-def upsample_nearest(volume_lr: np.ndarray, factor: int) -> np.ndarray:
-    """Repeat each LR voxel over its r^3 HR block (spatial axes 0-2)."""
-    out = volume_lr
-    for axis in range(3):
-        out = np.repeat(out, factor, axis=axis)
-    return out
-
-
 def interior_mask(
     mask_lr: np.ndarray, mask_hr: np.ndarray, factor: int, radius: int = 2
 ) -> np.ndarray:

@@ -182,7 +182,7 @@ def test_bundle_evaluation_on_preprocessed_subjects(preprocessed_root, tmp_path)
     model_path, normalisation_path = write_tiny_models(tmp_path / "models", num_blocks=1)
     out = tmp_path / "eval"
     command = [
-        sys.executable, "-m", "monai.bundle", "run", "evaluation",
+        sys.executable, "-m", "monai.bundle", "run",
         "--config_file", str(EVALUATE_CONFIG), "--dataset_dir", str(preprocessed_root),
         "--output_dir", str(out), "--model_path", str(model_path),
         "--normalisation_path", str(normalisation_path),
@@ -202,6 +202,22 @@ def test_bundle_evaluation_on_preprocessed_subjects(preprocessed_root, tmp_path)
     }
     assert all(float(r["total"]) > 0 for r in rows)
     assert (out / "md_axial.png").stat().st_size > 1000
+
+
+def test_bad_setting_on_the_command_line_is_one_sentence_and_exit_2(hand_dataset, tmp_path):
+    root, _ = hand_dataset
+    out = tmp_path / "eval"
+    command = [
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(EVALUATE_CONFIG),
+        "--dataset_dir", str(root), "--output_dir", str(out), "--baselines_only", "true",
+        "--methods", "['cubic','bicubic']",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: unknown baseline 'bicubic': choose among ['cubic', 'nearest', "
+                      "'trilinear']."]  # fmt: skip
+    assert "Traceback" not in done.stderr and not out.exists()
 
 
 def test_baselines_without_cubic_still_draw_the_error_figure(hand_dataset, tmp_path):
