@@ -368,3 +368,43 @@ def test_model_files_that_do_not_match_fail_with_one_sentence(tmp_path, tiny_mod
         message = str(raised.value)
         assert named_file in message and "\n" not in message, (name, message)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# ------------------------------------------------------------------------- patch stitching
+
+
+def test_patch_stitching_equals_the_whole_volume_for_the_espcn():
+    """Valid convolutions only: the paper's 11^3 patches give the whole-volume output."""
+    torch.manual_seed(5)
+    network = ESPCN_RN(0)
+    stats = NormalisationStats(MEAN, STD, MEAN, STD)
+    shape = (24, 19, 27)  # not multiples of the 7^3 patch output
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    brain = sum(g**2 for g in grid) <= 0.3  # patches in the corners have no brain
+    dt = random_tensors(shape, seed=6) * brain[..., None]
+    inferer = WholeBrainInferer(network, stats, 2, device="cpu", inference_mode="patches")
+
+    patches = inferer(dt, brain)
+
+    assert inferer.last_counts.windows_computed >= 8 and inferer.last_counts.windows_skipped > 0
+    assert relative_max_error(patches, inferer.whole_volume(dt, brain)) < 1e-5
+
+
+def test_patch_stitching_for_espcn_rn2_is_the_network_on_each_11_cube():
+    """With reversible blocks each patch is zero-padded inside, as in training: the stitched
+    output differs from the whole-volume pass and equals the network run on one 11^3 patch."""
+    torch.manual_seed(6)
+    network = ESPCN_RN(2)
+    randomise_batch_norm(network, seed=2)
+    stats = NormalisationStats(MEAN, STD, MEAN, STD)
+    dt = random_tensors((16, 16, 16), seed=7)  # padded 20: patches at 0, 7 and 9 per axis
+    inferer = WholeBrainInferer(network, stats, 2, device="cpu", inference_mode="patches")
+
+    patches = inferer(dt)
+
+    assert relative_max_error(patches, inferer.whole_volume(dt)) > 1e-3
+    padded = inferer._padded_input(dt)  # background-padded, normalised: the network's input
+    with torch.no_grad():
+        by_hand = stats.denormalise_output(network.eval()(padded[:, :, :11, :11, :11]))
+    by_hand = np.moveaxis(by_hand[0].numpy(), 0, -1)  # the 7^3 LR (14^3 HR) outputs of the cube
+    assert relative_max_error(patches[:14, :14, :14], by_hand) < 1e-5
