@@ -222,31 +222,34 @@ def _mean_std(values: list[float | None], digits: int = 2) -> str:
     return f"{np.mean(values):.{digits}f} (± {np.std(values, ddof=1):.{digits}f})"
 
 
-def summary_table(rows: list[dict], models: Sequence[str]) -> str:
-    """Markdown table in the layout of the paper's Fig. 4: mean (± std) RMSE per model."""
-    lines = [
-        "| Model | Subjects (TVS) | Test subjects | RMSE Interior | RMSE Exterior | RMSE Total |",
-        "|---|---|---|---|---|---|",
-    ]
+def _table(rows: list[dict], models: Sequence[str], headings: Sequence[str], cells: Any) -> str:
+    """Markdown table, a line per model: its name, then ``cells(its rows)``."""
+    lines = ["| " + " | ".join(headings) + " |", "|" + "---|" * len(headings)]
     for model in models:
         mine = [r for r in rows if r["model"] == model]
-        tvs = mine[0]["tvs"] if mine and mine[0]["tvs"] is not None else "–"
-        cells = [_mean_std([r[region] for r in mine]) for region in REGIONS]
-        lines.append(f"| {model} | {tvs} | {len(mine)} | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([model, *cells(mine)]) + " |")
     return "\n".join(lines)
+
+
+def summary_table(rows: list[dict], models: Sequence[str]) -> str:
+    """Markdown table in the layout of the paper's Fig. 4: mean (± std) RMSE per model."""
+
+    def cells(mine: list[dict]) -> list[str]:
+        tvs = mine[0]["tvs"] if mine and mine[0]["tvs"] is not None else "–"
+        return [str(tvs), str(len(mine)), *(_mean_std([r[k] for r in mine]) for k in REGIONS)]
+
+    headings = ("Model", "Subjects (TVS)", "Test subjects", "RMSE Interior", "RMSE Exterior")
+    return _table(rows, models, (*headings, "RMSE Total"), cells)
 
 
 def uncertainty_table(rows: list[dict], models: Sequence[str]) -> str:
     """Markdown table of coverage and rank correlation, mean (± std) over test subjects."""
-    lines = [
-        "| Model | Coverage 1σ | Coverage 2σ | Spearman σ vs error |",
-        "|---|---|---|---|",
-    ]
-    for model in models:
-        mine = [r for r in rows if r["model"] == model]
-        cells = [_mean_std([r[c] for r in mine], digits=3) for c in UNCERTAINTY_COLUMNS]
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+
+    def cells(mine: list[dict]) -> list[str]:
+        return [_mean_std([r[c] for r in mine], digits=3) for c in UNCERTAINTY_COLUMNS]
+
+    headings = ("Model", "Coverage 1σ", "Coverage 2σ", "Spearman σ vs error")
+    return _table(rows, models, headings, cells)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> Path:
