@@ -46,6 +46,9 @@ TOOL = "monai-iqt inference"
 #: Smallest eigenvalue (mm^2/s) of a repaired tensor (brain MD is about 7e-4 mm^2/s).
 EIGENVALUE_FLOOR = 1e-6
 
+#: Voxels per chunk of the eigen-decompositions (bounds memory for HCP-size outputs).
+CHUNK_VOXELS = 1_000_000
+
 
 def _resolved(path: Path) -> Path:
     return Path(os.path.realpath(path))
@@ -115,40 +118,54 @@ def foreign_outputs(output_dir: Path, names=OUTPUT_NAMES) -> list[str]:
 
 
 def repair_tensors(dt: np.ndarray, brain: np.ndarray, repair: bool, name: str) -> np.ndarray:
-    """Count (and with ``repair``, fix) non-positive-definite tensors inside the brain.
+    """Count (and with ``repair``, fix in place) non-positive-definite tensors in the brain.
 
     Repair clips eigenvalues to :data:`EIGENVALUE_FLOOR` and rebuilds the tensor.
     """
-    inside = dt[brain].astype(np.float64)
-    if inside.size == 0:
-        return dt
-    evals, evecs = np.linalg.eigh(from_lower_triangular(inside))
-    bad = np.any(evals <= 0, axis=1)
-    if not bad.any():
+    coordinates = np.nonzero(brain)
+    total = 0
+    for start in range(0, coordinates[0].size, CHUNK_VOXELS):
+        chunk = tuple(axis[start : start + CHUNK_VOXELS] for axis in coordinates)
+        evals, evecs = np.linalg.eigh(from_lower_triangular(dt[chunk].astype(np.float64)))
+        bad = np.any(evals <= 0, axis=1)
+        total += int(bad.sum())
+        if repair and bad.any():
+            clipped = np.maximum(evals[bad], EIGENVALUE_FLOOR)
+            matrices = np.einsum("vij,vj,vkj->vik", evecs[bad], clipped, evecs[bad])
+            dt[tuple(axis[bad] for axis in chunk)] = lower_triangular(matrices).astype(dt.dtype)
+    if total == 0:
         return dt
     if not repair:
         log.warning(
             "%s: %d of %d brain voxels have a non-positive-definite tensor (kept as predicted; "
             "--repair_tensors true clips their eigenvalues to %g mm^2/s)",
             name,
-            int(bad.sum()),
+            total,
             int(brain.sum()),
             EIGENVALUE_FLOOR,
         )
         return dt
-    clipped = np.maximum(evals[bad], EIGENVALUE_FLOOR)
-    matrices = np.einsum("vij,vj,vkj->vik", evecs[bad], clipped, evecs[bad])
-    inside[bad] = lower_triangular(matrices)
-    repaired = dt.copy()
-    repaired[brain] = inside.astype(dt.dtype)
     log.info(
         "%s: repaired %d non-positive-definite tensors of %d brain voxels (eigenvalues >= %g)",
         name,
-        int(bad.sum()),
+        total,
         int(brain.sum()),
         EIGENVALUE_FLOOR,
     )
-    return repaired
+    return dt
+
+
+def slab_maps(dt: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`~monai_iqt.maps.tensor_maps` computed slab by slab along x (bounded memory)."""
+    slab = max(1, CHUNK_VOXELS // max(1, int(np.prod(dt.shape[1:3]))))
+    maps: dict[str, np.ndarray] = {}
+    for start in range(0, dt.shape[0], slab):
+        part = tensor_maps(dt[start : start + slab], mask[start : start + slab])
+        for key, value in part.items():
+            if key not in maps:
+                maps[key] = np.zeros(dt.shape[:3] + value.shape[3:], np.float32)
+            maps[key][start : start + slab] = value
+    return maps
 
 
 def _nifti(data: np.ndarray, affine: np.ndarray, dtype) -> nib.Nifti1Image:
@@ -217,9 +234,10 @@ class PredictionWriter:
         provenance: dict[str, Any],
     ) -> dict[str, Path]:
         mask_hr = np.asarray(mask_hr, dtype=bool)
-        dt_hr = np.where(mask_hr[..., None], dt_hr, 0).astype(np.float32)
+        dt_hr = np.asarray(dt_hr, dtype=np.float32)  # modified in place (no full-size copies)
+        dt_hr[~mask_hr] = 0
         dt_hr = repair_tensors(dt_hr, mask_hr, self.repair_tensors, str(output_dir))
-        maps = tensor_maps(dt_hr, mask_hr)
+        maps = slab_maps(dt_hr, mask_hr)
         images = {
             "dt_hr": _nifti(dt_hr, hr_affine, np.float32),
             "mask_hr": _nifti(mask_hr, hr_affine, np.uint8),
