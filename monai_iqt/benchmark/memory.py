@@ -1,6 +1,7 @@
 """Memory and time of one training step: ESPCN vs ESPCN-RN-N, plain vs memory-efficient (Fig. 6).
 
-``python -m monai_iqt.benchmark memory [--device cpu|cuda] [--amp] [--json FILE] [--quick]``
+``python -m monai_iqt.benchmark memory [--device cpu|cuda] [--amp] [--dropout-rate P]
+[--json FILE] [--quick]``
 
 Prints the paper's Fig. 6 table (ESPCN, ESPCN-RN4, ESPCN-RN4-Naive; 11^3 LR patches, batch 12,
 one Adam step) and a depth sweep N in {0, 1, 2, 4, 8, 16, 32} in both modes, then the ratios
@@ -60,6 +61,7 @@ class Config:
     name: str
     num_blocks: int
     memory_efficient: bool
+    dropout_rate: float = 0.0
 
 
 @dataclass
@@ -104,7 +106,11 @@ def autocast_dtype(device: torch.device) -> torch.dtype:
 
 def build(config: Config, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
-    model = ESPCN_RN(config.num_blocks, memory_efficient=config.memory_efficient).to(device)
+    model = ESPCN_RN(
+        config.num_blocks,
+        memory_efficient=config.memory_efficient,
+        dropout_rate=config.dropout_rate,
+    ).to(device)
     model.train()
     return model, torch.optim.Adam(model.parameters(), lr=1e-4)
 
@@ -162,10 +168,16 @@ def time_alternating(
                 result.cpu_times_s.append(time.process_time() - start_cpu)
 
 
-def rss_child(num_blocks: int, memory_efficient: bool, steps: int, amp: bool = False) -> float:
+def rss_child(
+    num_blocks: int,
+    memory_efficient: bool,
+    steps: int,
+    amp: bool = False,
+    dropout_rate: float = 0.0,
+) -> float:
     """In this (fresh) process: peak RSS of training steps above the RSS before them, in MB."""
     device = torch.device("cpu")
-    model, optimizer = build(Config("", num_blocks, memory_efficient), device)
+    model, optimizer = build(Config("", num_blocks, memory_efficient, dropout_rate), device)
     x, y = make_batch(device)
     before = _rss_bytes("VmRSS")
     _reset_peak_rss()
@@ -195,7 +207,8 @@ def measure_rss(config: Config, steps: int = 2, amp: bool = False) -> float | No
     code = (
         "import torch, sys; torch.set_num_threads(2);"
         "from monai_iqt.benchmark.memory import rss_child;"
-        f"print(rss_child({config.num_blocks}, {config.memory_efficient}, {steps}, {amp}))"
+        f"print(rss_child({config.num_blocks}, {config.memory_efficient}, {steps}, {amp}, "
+        f"{config.dropout_rate}))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
@@ -298,8 +311,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="forward under autocast: bfloat16 on cpu, float16 on cuda",
     )
+    parser.add_argument(
+        "--dropout-rate",
+        type=float,
+        default=0.0,
+        help="channel-wise dropout rate of every network (default 0: no dropout layers)",
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--quick", action="store_true", help="N in {0,2,4,8}, fewer steps")
+    parser.add_argument(
+        "--depths", type=int, nargs="+", help="N of the depth sweep (default 0 1 2 4 8 16 32)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
     parser.add_argument("--no-rss", action="store_true", help="skip the fresh-process RSS runs")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -307,22 +329,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: CUDA is not available on this machine", file=sys.stderr)
         return 2
+    if not 0 <= args.dropout_rate < 1:
+        print(f"--dropout-rate must be in [0, 1), got {args.dropout_rate}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    rate = args.dropout_rate
     steps = args.steps or (5 if args.quick else 7)
-    depths = QUICK_DEPTHS if args.quick else DEPTHS
+    depths = args.depths or (QUICK_DEPTHS if args.quick else DEPTHS)
+    if min(depths) < 0:
+        print(f"--depths must be >= 0, got {depths}", file=sys.stderr)
+        return 2
     rss = not args.no_rss
 
     precision = f"autocast {autocast_dtype(device)}" if args.amp else "float32"
     print(
         f"batch {BATCH}, LR patch {PATCH}^3, one Adam step, device {device}, {precision}, "
-        f"{args.threads} threads, {steps} timed steps"
+        f"dropout rate {rate}, {args.threads} threads, {steps} timed steps"
     )
     fig6 = run_group(
         [
-            Config("ESPCN", 0, False),
-            Config("ESPCN-RN4", 4, True),
-            Config("ESPCN-RN4-Naive", 4, False),
+            Config("ESPCN", 0, False, rate),
+            Config("ESPCN-RN4", 4, True, rate),
+            Config("ESPCN-RN4-Naive", 4, False, rate),
         ],
         device,
         steps=steps,
@@ -346,9 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     sweep: list[Result] = []
     for depth in depths:
         name = f"ESPCN-RN{depth}" if depth else "ESPCN"
-        configs = [Config(name, depth, False)]
+        configs = [Config(name, depth, False, rate)]
         if depth:
-            configs.append(Config(name, depth, True))
+            configs.append(Config(name, depth, True, rate))
         for result in run_group(configs, device, steps=steps, warmup=1, rss=rss, amp=args.amp):
             print(_row(result), flush=True)
             sweep.append(result)
@@ -393,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = {
             "device": str(device),
             "amp": str(autocast_dtype(device)) if args.amp else None,
+            "dropout_rate": rate,
             "batch": BATCH,
             "patch": PATCH,
             "fig6": [_summary(r) for r in fig6],

@@ -1,11 +1,11 @@
 """Memory-efficient backward for stacks of reversible blocks (Gomez et al. 2017, Algorithm 1).
 
-A :class:`ReversibleSegment` is "optional ESPCN convolution + ReLU, then a stack of reversible
-blocks". :func:`run_segment` runs it through one ``torch.autograd.Function`` that builds no graph
-in forward and keeps the segment's input and output (the paper's Fig. 3 caches A^0, A^1, A^2:
-each segment's input is the previous segment's output, the same storage, and the first
-segment's input is the network input, which the caller holds anyway) plus one half-width tensor,
-the second block's input half x_b (see "Accuracy" below).
+A :class:`ReversibleSegment` is "optional ESPCN convolution + ReLU (+ dropout), then a stack of
+reversible blocks". :func:`run_segment` runs it through one ``torch.autograd.Function`` that
+builds no graph in forward and keeps the segment's input and output (the paper's Fig. 3 caches
+A^0, A^1, A^2: each segment's input is the previous segment's output, the same storage, and
+the first segment's input is the network input, which the caller holds anyway) plus one
+half-width tensor, the second block's input half x_b (see "Accuracy" below).
 
 In backward each block, last to first, rebuilds its input from its output *while* building its
 graph: ``z = y_a``; ``G(z)`` is evaluated once with grad, giving both ``x_b = y_b - G(z)`` and
@@ -13,8 +13,9 @@ G's graph, which is back-propagated and freed; then ``F(x_b)`` once with grad, g
 ``x_a = z - F(x_b)`` and F's graph. Every F and G is evaluated twice per training step
 (forward, and once in backward), never three times, and at most one F or G graph is alive.
 The first block uses its exact input, not a rebuilt one: the network input (first segment) or
-``relu(conv(A))`` recomputed from the cached A (later segments), which the ESPCN convolution's
-backward needs anyway; that 1^3 or 3^3 convolution is the only recomputation outside the blocks.
+``dropout(relu(conv(A)))`` recomputed from the cached A (later segments, same dropout mask),
+which the ESPCN convolution's backward needs anyway; that 1^3 or 3^3 convolution is the only
+recomputation outside the blocks.
 
 Accuracy: the ESPCN's ReLU outputs entering a stack are sparse (some channels are >95 % exact
 zeros at initialisation), and train-mode BatchNorm divides such near-constant channels by their
@@ -38,7 +39,7 @@ inputs, as ``torch.utils.checkpoint``'s ``preserve_rng_state`` does); backward r
 segment's masks from it, in forward order, under ``torch.random.fork_rng``, and sets them on the
 layers while it rebuilds (:class:`~monai_iqt.engine.dropout.DropoutReplay`). Kept between
 forward and backward: one 5056-byte CPU random state per segment (three per network) whatever
-N; in backward, transiently, the segment's 2N + 1 boolean masks of B x C entries each.
+N; in backward, transiently, the segment's 2N (+ 1) boolean masks of B x C entries each.
 
 BatchNorm running statistics are updated once per training forward: the rebuild runs with
 ``track_running_stats`` switched off (:func:`running_stats_frozen`), so BatchNorm still
