@@ -142,7 +142,7 @@ def test_he_initialisation_is_the_default() -> None:
     torch.manual_seed(0)
     net = ESPCN_RN(1)
     for name in ("conv1", "conv2", "conv3"):
-        weight = getattr(net, name).weight
+        weight = getattr(net, name).weight.detach()
         fan_in = weight[0].numel()  # input channels x kernel volume
         assert _std_within_sampling(weight, (2 / fan_in) ** 0.5), name
         assert abs(float(weight.mean())) <= 5 * (2 / fan_in / weight.numel()) ** 0.5, name
