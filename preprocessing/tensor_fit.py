@@ -13,8 +13,10 @@ image's voxel axes.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,10 +38,38 @@ __all__ = [
     "default_fit_workers",
     "fit_dti",
     "make_tensor_model",
+    "reuse_freed_memory",
 ]
 
-#: Voxels per DIPY call: ~100 volumes x 10k voxels x 7 x 8 bytes = 60 MB of pinv working set.
-CHUNK_VOXELS = 10_000
+#: Voxels per DIPY call: ~100 volumes x 2000 voxels x 7 x 8 bytes = 12 MB per pinv temporary,
+#: small enough for malloc to reuse (see :func:`reuse_freed_memory`).
+CHUNK_VOXELS = 2_000
+
+#: glibc mallopt parameters: blocks up to 32 MB come from the heap (not a fresh mapping each),
+#: and up to 128 MB of freed heap is kept for reuse instead of being returned at once.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MALLOC_SETTINGS = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 128 << 20))
+_malloc_tuned = False
+
+
+def reuse_freed_memory() -> None:
+    """Let glibc's malloc reuse freed memory for the fit's per-chunk temporaries (Linux only).
+
+    By default every temporary of a few MB is mapped, zeroed by the kernel and unmapped again;
+    with two fitting threads that cost as much system time as the fit itself (measured: 1.5-2.3 s
+    system for 2.3 s user on 120k voxels; 0.05-0.1 s with these settings). Process-wide, once.
+    """
+    global _malloc_tuned
+    if _malloc_tuned or not sys.platform.startswith("linux"):
+        return
+    _malloc_tuned = True
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl): keep its defaults
+        return
+    for parameter, value in _MALLOC_SETTINGS:
+        mallopt(parameter, value)
+
 
 #: DIPY TensorModel fit methods usable without extra arguments (IRLS needs a ``fit_type``).
 FIT_METHODS: tuple[str, ...] = tuple(name for name in common_fit_methods if name != "IRLS")
@@ -113,6 +143,7 @@ def fit_dti(
     if mask.shape != dwi.shape[:3]:
         raise ValueError(f"mask shape {mask.shape} differs from dwi shape {dwi.shape[:3]}")
     model = make_tensor_model(bvals, bvecs, b0_threshold, fit_method)
+    reuse_freed_memory()
     tensors = np.zeros(dwi.shape[:3] + (6,), dtype=np.float32)
     # Fancy indexing by coordinates works on any memory layout (e.g. a volume-major array
     # seen through a transpose) without copying the whole DWI.
