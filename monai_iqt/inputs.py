@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import logging
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nibabel.volumeutils import apply_read_scaling, array_from_file
 from scipy import ndimage
 
-from preprocessing import layout
+from preprocessing import io, layout
 from preprocessing.geometry import voxel_sizes
-from preprocessing.io import TENSOR_ELEMENTS, InputError, check_finite, load_nifti, read_nifti
+from preprocessing.gradients import read_gradient_table
+from preprocessing.io import TENSOR_ELEMENTS, InputError, load_nifti, read_nifti
 from preprocessing.tensor_fit import B0_THRESHOLD, DEFAULT_BMAX, fit_dti
 
 log = logging.getLogger(__name__)
@@ -92,74 +91,20 @@ def find_mask(path: Path) -> Path | None:
     return next((path.parent / n for n in candidates if (path.parent / n).is_file()), None)
 
 
-def available_memory_bytes() -> int:
-    """Memory available to this process (``MemAvailable``; physical memory as a fallback)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def check_fits_in_memory(image: nib.Nifti1Image, path: Path, channels: int) -> None:
     """One sentence before reading a header whose voxels would not fit in memory.
 
-    Inference holds ``channels`` LR values per voxel, then 6 HR tensor elements (8 HR voxels per
-    LR voxel) with their maps: about (channels + 100) float32 values per LR voxel.
+    Inference holds ``channels`` LR values per voxel, then the HR tensor (8 HR voxels of 6
+    elements per LR voxel) with its maps and mask: about 100 more float32 values per LR voxel.
     """
     voxels = int(np.prod(image.shape[:3], dtype=np.float64))
-    try:
-        from preprocessing.io import check_fits_in_memory as shared_check
-    except ImportError:
-        shared_check = None
-    if shared_check is not None:
-        shared_check(image, path, channels, working_bytes=voxels * 100 * BYTES_PER_VALUE)
-        return
-    needed = voxels * (channels + 100) * BYTES_PER_VALUE
-    available = available_memory_bytes()
-    if needed > available:
-        shape = "x".join(str(s) for s in image.shape)
-        raise InputError(
-            f"{path} claims {shape} voxels: inferring it needs about {needed / 1e9:.1f} GB of "
-            f"memory but {available / 1e9:.1f} GB are available."
-        )
+    io.check_fits_in_memory(image, path, channels, working_bytes=voxels * 100 * BYTES_PER_VALUE)
 
 
 def read_volumes(image: nib.Nifti1Image, path: Path, indices: np.ndarray) -> np.ndarray:
-    """Volumes ``indices`` of a 4D image as (X, Y, Z, len(indices)) float32, one at a time.
-
-    The file is read once, front to back (a .gz file is not re-decompressed per volume); peak
-    memory is the result plus one volume. Uses ``preprocessing.io.read_volumes`` when present.
-    """
-    try:
-        from preprocessing.io import read_volumes as shared_reader
-    except ImportError:
-        shared_reader = None
-    if shared_reader is not None:
-        try:
-            return shared_reader(image, [int(i) for i in indices], dtype=np.float32)
-        except InputError:
-            raise
-        except (OSError, EOFError, ValueError, zlib.error) as error:
-            raise InputError(f"{path} cannot be read ({error}); is it truncated?") from error
-    proxy = image.dataobj
-    shape = tuple(image.shape[:3])
-    block = int(np.prod(shape)) * proxy.dtype.itemsize
-    order = np.argsort(indices)
-    out = np.empty(shape + (len(indices),), dtype=np.float32)
-    try:
-        with nib.openers.ImageOpener(path) as stream:
-            for k in order:
-                offset = proxy.offset + int(indices[k]) * block
-                raw = array_from_file(shape, proxy.dtype, stream, offset, order="F", mmap=False)
-                out[..., k] = apply_read_scaling(raw, proxy.slope, proxy.inter)
-    except (OSError, EOFError, ValueError, zlib.error) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"{path} cannot be read ({reason}); is it truncated?") from error
-    return out
+    """Volumes ``indices`` as (X, Y, Z, n) float32, streamed one at a time (preprocessing's
+    reader: bounded memory; a truncated file or NaN is one sentence naming it)."""
+    return io.read_volumes(image, [int(i) for i in indices], dtype=np.float32)
 
 
 def load_mask(mask_path: Path, shape: tuple[int, ...], image_path: Path) -> np.ndarray:
@@ -214,17 +159,6 @@ def check_units(dt: np.ndarray, brain: np.ndarray, path: Path) -> None:
     )
 
 
-def _gradient_table(bvals_path: Path, bvecs_path: Path, path: Path, volumes: int, affine, bmax):
-    try:
-        from preprocessing.gradients import read_gradient_table
-
-        return read_gradient_table(bvals_path, bvecs_path, path, volumes, affine=affine, bmax=bmax)
-    except ImportError:
-        from preprocessing.hcp import read_gradient_table
-
-        return read_gradient_table(bvals_path, bvecs_path, path, volumes, bmax=bmax)
-
-
 def dwi_brain_mask(b0: np.ndarray, path: Path) -> np.ndarray:
     """Brain mask of a DWI from the mean b0 with DIPY's ``median_otsu`` (logged)."""
     from dipy.segment.mask import median_otsu
@@ -276,7 +210,6 @@ def load_input(
     if not is_dwi:
         check_fits_in_memory(image, path, 6)
         dt = to_dipy_order(read_volumes(image, path, np.arange(6)), tensor_order, path)
-        check_finite(path, dt)
         check_units(dt, mask_lr if mask_lr is not None else np.any(dt != 0, axis=-1), path)
         return InferenceInput(name, dt, image.affine, mask_lr, path, mask_source)
     found_bvals, found_bvecs = find_gradients(path)
@@ -292,13 +225,12 @@ def load_input(
             f"{path} has {image.shape[3]} volumes, so it is not a 6-element tensor image; as a DWI "
             f"it needs its {missing} (give --bvals/--bvecs; none found beside it)."
         )
-    values, vectors = _gradient_table(
-        bvals_path, bvecs_path, path, image.shape[3], image.affine, bmax
+    values, vectors = read_gradient_table(
+        bvals_path, bvecs_path, path, image.shape[3], affine=image.affine, bmax=bmax
     )
     selected = np.flatnonzero(values <= bmax)  # b0 and the b=1000 shell, as in preprocessing
     check_fits_in_memory(image, path, selected.size)
     dwi = read_volumes(image, path, selected)
-    check_finite(path, dwi)
     if mask_lr is None:
         mask_lr = dwi_brain_mask(dwi[..., values[selected] < B0_THRESHOLD].mean(axis=-1), path)
         mask_source = "median_otsu"

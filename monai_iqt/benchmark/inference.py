@@ -5,24 +5,32 @@
 brain, runs the three methods alternately (``--repeats`` rounds, so the machine's load hits
 them alike) and prints median seconds, the ratios, LR/HR voxels per second, the largest
 difference to the whole-volume pass, and each method's peak RSS measured in a fresh process.
+``--dwi [--dwi-shape 145 174 145]`` instead writes an HCP-size int16 DWI (288 volumes) and
+prints the peak RSS of its whole inference (volume-by-volume read, DTI fit, super-resolution,
+writing) in a fresh process with ``MALLOC_MMAP_THRESHOLD_=65536``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 
 from monai_iqt.data.normalise import NormalisationStats
 from monai_iqt.inferers import DEFAULT_ROI_SIZE, HaloExactInferer, WholeBrainInferer
 from monai_iqt.networks import ESPCN_RN
+from monai_iqt.weights import file_sha256
 
 METHODS = ("whole_volume", "sliding_window", "patches_11")
 
@@ -94,6 +102,70 @@ def fresh_process_rss(name: str, args: argparse.Namespace) -> float:
     return json.loads(output.strip().splitlines()[-1])["peak_rss_mb"]
 
 
+def write_hcp_size_dwi(folder: Path, shape: tuple[int, int, int], seed: int = 0) -> Path:
+    """An int16 DWI of ``shape`` with HCP's 288 volumes (18 b0, 90 each at b = 1000, 2000,
+    3000 s/mm^2), an isotropic-tensor signal in an ellipsoidal brain, and its bvals/bvecs."""
+    rng = np.random.default_rng(seed)
+    bvals = np.concatenate([np.full(18, 5.0), np.repeat([1000.0, 2000.0, 3000.0], 90)])
+    bvecs = rng.standard_normal((288, 3))
+    bvecs /= np.linalg.norm(bvecs, axis=1, keepdims=True)
+    bvecs[:18] = 0
+    np.savetxt(folder / "bvals", bvals[None], fmt="%g")
+    np.savetxt(folder / "bvecs", bvecs.T, fmt="%.6f")
+    grid = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in shape], indexing="ij")
+    brain = sum(g**2 for g in grid) <= 0.7
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.int16)
+    header.set_data_shape((*shape, 288))
+    affine = np.diag([1.25, 1.25, 1.25, 1.0])
+    header.set_qform(affine, 1)
+    header.set_sform(affine, 1)
+    path = folder / "data.nii"
+    with open(path, "wb") as stream:  # volume by volume: the benchmark's own memory stays low
+        header.write_to(stream)
+        stream.write(b"\0" * (int(header.get_data_offset()) - stream.tell()))
+        for b in bvals:
+            volume = 1000.0 * np.exp(-b * 0.7e-3) * brain + rng.normal(0, 10, shape)
+            stream.write(np.clip(volume, 0, None).astype("<i2").tobytes(order="F"))
+    return path
+
+
+def dwi_peak_rss(args: argparse.Namespace) -> None:
+    """Peak RSS of DWI inference (fit, super-resolve, write) in a fresh process."""
+    with tempfile.TemporaryDirectory(prefix="iqt-dwi-bench-") as tmp:
+        folder = Path(tmp)
+        data = write_hcp_size_dwi(folder, tuple(args.dwi_shape))
+        model_path, stats_path = folder / "model.pt", folder / "normalisation.json"
+        torch.manual_seed(0)
+        torch.save(ESPCN_RN(args.num_blocks).state_dict(), model_path)
+        mean, std = [7e-4, 0, 7e-4, 0, 0, 7e-4], [3e-4] * 6
+        extra = {"num_blocks": args.num_blocks, "weights_sha256": file_sha256(model_path)}
+        NormalisationStats(mean, std, mean, std, extra).save(stats_path)
+        code = (
+            "from monai_iqt.bundle import run_inference; from monai_iqt.benchmark.inference "
+            "import peak_rss_mb; import time, json; t = time.perf_counter(); "
+            f"run_inference({str(data)!r}, {str(folder / 'out')!r}, {str(model_path)!r}, "
+            f"{str(stats_path)!r}, roi_size={args.roi_size}, device={args.device!r}); "
+            "print(json.dumps({'seconds': time.perf_counter() - t, 'peak_rss_mb': peak_rss_mb()}))"
+        )
+        environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=environment
+        )
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr[-3000:])
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+    shape = "x".join(map(str, args.dwi_shape))
+    print(
+        f"# DWI inference (fresh process, MALLOC_MMAP_THRESHOLD_=65536): int16 {shape}x288 "
+        f"(fit on the 108 volumes with b <= 1500), ESPCN-RN{args.num_blocks} untrained, "
+        f"HR {'x'.join(str(2 * s) for s in args.dwi_shape)}x6 written with maps"
+    )
+    print(f"{'method':<16} {'seconds':>9} {'peak RSS MB':>12}")
+    print(f"{'dwi_inference':<16} {result['seconds']:9.1f} {result['peak_rss_mb']:12.0f}")
+    print(f"peak RSS = {result['peak_rss_mb'] / 1024:.2f} GB (target <= 3 GB)")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m monai_iqt.benchmark inference", description=__doc__
@@ -108,11 +180,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", choices=METHODS, help="run one method once, print peak RSS")
     parser.add_argument("--no-rss", action="store_true", help="skip the fresh-process RSS runs")
+    parser.add_argument(
+        "--dwi", action="store_true", help="only the DWI row: peak RSS of DWI inference"
+    )
+    parser.add_argument(
+        "--dwi-shape", type=int, nargs=3, default=(145, 174, 145), help="DWI grid (HCP size)"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.dwi:
+        dwi_peak_rss(args)
+        return 0
     shape = tuple(args.shape)
     dt, brain = brain_volume(shape)
     inferer = make_inferer(args.num_blocks, args.roi_size, args.sw_batch_size, args.device)
