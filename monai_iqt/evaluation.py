@@ -74,7 +74,9 @@ class Model(Protocol):
 
     ``model(dt_lr, brain_lr)`` takes (X, Y, Z, 6) mm^2/s and the LR voxels to predict, and returns
     the HR tensor (rX, rY, rZ, 6) in mm^2/s, or ``(mean, std)`` with the predictive standard
-    deviation per element (same shape and units). ``upscale_factor`` is r; ``stats.extra``
+    deviation per element (same shape and units). A model whose ``gives_std`` is true is asked
+    ``model.predict_with_std(dt_lr, brain_lr) -> (mean, std)`` instead (as
+    :class:`~monai_iqt.inferers.WholeBrainInferer`). ``upscale_factor`` is r; ``stats.extra``
     (the model's ``normalisation.json``) gives its depth and training subjects when present.
     """
 
@@ -158,7 +160,11 @@ def predict_subject(
                 f"subject {subject.name} is downsampled by {subject.upscale_factor} but model "
                 f"{name} upsamples by {factor}."
             )
-        predictions[name] = as_prediction(model(subject.dt_lr, region), name)
+        if getattr(model, "gives_std", False):
+            output = model.predict_with_std(subject.dt_lr, region)
+        else:
+            output = model(subject.dt_lr, region)
+        predictions[name] = as_prediction(output, name)
     for method in methods:
         predictions[BASELINE_NAMES[method]] = Prediction(
             interpolate_lr(subject.dt_lr, subject.upscale_factor, method)

@@ -18,7 +18,7 @@ import pytest
 from test_metrics import cubic_bspline_by_hand, trilinear_by_hand
 from tiny_bundle import write_tiny_models
 
-from monai_iqt.evaluation import bundle_evaluate, evaluate
+from monai_iqt.evaluation import as_prediction, bundle_evaluate, evaluate
 from monai_iqt.figures import axial_orientation
 from monai_iqt.metrics import REGIONS
 from preprocessing.geometry import lr_affine_from_hr
@@ -254,13 +254,31 @@ class OracleModel:
         self.rng = np.random.default_rng(seed)
         self.stats = SimpleNamespace(extra={"num_blocks": depth, "training_subjects": trained})
 
-    def __call__(self, dt_lr, brain_lr):
+    @property
+    def gives_std(self) -> bool:
+        return self.with_sigma
+
+    def predict_with_std(self, dt_lr, brain_lr):
         data = next(d for d in self.subjects.values() if np.array_equal(d["dt_lr"], dt_lr))
         shape = data["dt_hr"].shape
         per_voxel = np.exp(self.rng.uniform(np.log(2e-6), np.log(1e-4), shape[:3]))
         sigma = per_voxel[..., None] * np.ones(shape)
-        mean = data["dt_hr"] + self.rng.normal(0.0, sigma)
-        return (mean, sigma) if self.with_sigma else mean
+        return data["dt_hr"] + self.rng.normal(0.0, sigma), sigma
+
+    def __call__(self, dt_lr, brain_lr):
+        return self.predict_with_std(dt_lr, brain_lr)[0]
+
+
+def test_model_outputs_of_every_documented_form():
+    mean, std = np.ones((2, 2, 2, 6)), np.full((2, 2, 2, 6), 0.5)
+    for output in ((mean, std), [mean, std], {"dt_hr": mean, "dt_hr_std": std}):
+        prediction = as_prediction(output, "m")
+        assert prediction.mean is not None and prediction.std is std
+    assert as_prediction(mean, "m").std is None
+    assert as_prediction((mean, None), "m").std is None
+    assert as_prediction({"dt_hr": mean}, "m").std is None
+    with pytest.raises(ValueError, match="returned 3 volumes"):
+        as_prediction((mean, std, std), "m")
 
 
 def test_several_models_at_once_with_uncertainty_columns(hand_dataset, tmp_path):
