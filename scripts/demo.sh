@@ -13,7 +13,8 @@ echo "== 2/4 preprocessing: block-mean downsampling x2 and DIPY tensor fits -> d
 python -m preprocessing hcp --hcp-root demo/raw --out demo/preprocessed --workers 2
 
 echo "== 3/4 training ESPCN on synth000-003 (synth004-005 held out) -> $BUNDLE/models"
-python -m monai.bundle run training --config_file "$BUNDLE/configs/train.json" \
+python -m monai.bundle run --config_file "$BUNDLE/configs/train.json" --bundle_root "$BUNDLE" \
+  --dataset_dir demo/preprocessed --overwrite true \
   --subjects "['synth000','synth001','synth002','synth003']" --num_revnet_blocks 0 \
   --learning_rate 0.001 --lr_decay 0.9 --patches_per_subject 1000 --epochs 8 --num_restarts 1
 

@@ -1,16 +1,24 @@
-"""Multi-process training through the bundle's multi_gpu_train.json: real torchrun, gloo on CPU."""
+"""Multi-process training through the bundle's multi_gpu_train.json: real torchrun, gloo on CPU.
+
+Validation is sharded without padding (MONAI's ``DistributedSampler(even_divisible=False)``) and
+ignite's metric sums over ranks, so with an odd number of validation patches the distributed
+``val_rmse`` must equal the RMSE of the same weights over every validation patch once.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from monai_iqt.data import build_patch_data
 from monai_iqt.networks import ESPCN_RN
 from monai_iqt.training import state_digest
 
@@ -26,9 +34,9 @@ def test_torchrun_two_ranks_end_identical_and_only_rank0_writes(
     config_files = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']"
     command = [
         str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2",
-        "-m", "monai.bundle", "run", "training", "--config_file", config_files,
+        "-m", "monai.bundle", "run", "--config_file", config_files,
         "--dataset_dir", str(preprocessed_root), "--output_dir", str(tmp_path / "out"),
-        "--patches_per_subject", "10", "--num_revnet_blocks", "1", "--batch_size", "2",
+        "--patches_per_subject", "15", "--num_revnet_blocks", "1", "--batch_size", "2",
         "--epochs", "2", "--num_restarts", "1", "--learning_rate", "0.001",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
@@ -46,8 +54,21 @@ def test_torchrun_two_ranks_end_identical_and_only_rank0_writes(
     network = ESPCN_RN(num_blocks=1)
     network.load_state_dict(last["network"])
     assert state_digest(network) == digests["0"]
-    # 2 ranks x batch 2 per rank: 24 training patches make 6 iterations per epoch, not 12.
-    assert last["trainer"]["epoch_length"] == 6
+    # 2 ranks x batch 2 per rank: 36 training patches make 9 iterations per epoch, not 18.
+    assert last["trainer"]["epoch_length"] == 9
+
+    # Oracle: the checkpointed (last epoch) weights scored in one process on every validation
+    # patch once: 3 subjects x 3 patches = 9, odd, so a padding sampler would count one twice.
+    data = build_patch_data(preprocessed_root, patches_per_subject=15, seed=0)
+    assert len(data.val_dataset) == 9
+    images = torch.stack([data.val_dataset[i]["image"] for i in range(9)])
+    labels = torch.stack([data.val_dataset[i]["label"] for i in range(9)])
+    network.eval()
+    with torch.no_grad():
+        prediction = network(images)
+    expected = torch.sqrt(torch.mean((prediction.double() - labels.double()) ** 2)).item()
+    history = json.loads((out / "runs" / "runs.json").read_text())["runs"][0]["history"]
+    np.testing.assert_allclose(history[-1]["val_rmse"], expected, rtol=1e-6)
 
     # Only rank 0 wrote: exactly its files (two ranks would leave two TensorBoard event files).
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
@@ -59,5 +80,6 @@ def test_torchrun_two_ranks_end_identical_and_only_rank0_writes(
         "runs/run_0/checkpoint_last.pt",
         "runs/run_0/model_best.pt",
         "runs/runs.json",
+        "runs/settings.json",
     ]
     assert "rank 1 of 2 on cpu (gloo)" in output

@@ -1,4 +1,4 @@
-"""The training bundle run for real: ``python -m monai.bundle run training`` in subprocesses on the
+"""The training bundle run for real: ``python -m monai.bundle run`` in subprocesses on the
 tiny preprocessed synthetic subjects of ``conftest.py`` (3 subjects, LR 12 x 14 x 12).
 
 One uninterrupted reference run (2 restarts x 2 epochs, ESPCN-RN2) is compared with: its own outputs
@@ -8,6 +8,7 @@ run in the other execution mode, a diverging run and a run on an empty dataset f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -48,7 +49,6 @@ def training_command(dataset_dir: Path, output_dir: Path, **overrides) -> list[s
         "-m",
         "monai.bundle",
         "run",
-        "training",
         "--config_file",
         str(TRAIN_CONFIG),
     ]
@@ -122,6 +122,14 @@ def test_training_writes_tensorboard_runs_and_a_loadable_best_model(
     stats = NormalisationStats.load(reference / "models" / "normalisation.json")
     extra = stats.extra
     assert extra["upscale_factor"] == 2 and extra["num_blocks"] == 2
+    # Weights and statistics are one unit: the statistics name model.pt's bytes.
+    model_bytes = (reference / "models" / "model.pt").read_bytes()
+    assert extra["weights_sha256"] == hashlib.sha256(model_bytes).hexdigest()
+    assert extra["training_subjects"] == ["synth000", "synth001", "synth002"]
+    assert extra["trained_on"] == "unknown"  # the fixture's records do not say
+    assert extra["predict_variance"] is False and extra["dropout_rate"] == 0.0
+    assert extra["settings"]["num_revnet_blocks"] == 2 and extra["settings"]["seed"] == 0
+    assert [name for name, _ in extra["settings"]["subjects"]] == extra["training_subjects"]
     assert extra["lr_patch_size"] == 11 and extra["hr_patch_size"] == 14
     assert extra["lr_voxel_size_mm"] == pytest.approx([2.5, 2.5, 2.5])
     assert extra["tensor_elements"] == ["Dxx", "Dxy", "Dyy", "Dxz", "Dyz", "Dzz"]
@@ -214,6 +222,7 @@ def test_nan_loss_stops_naming_epoch_and_iteration_and_keeps_last_good_checkpoin
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "training diverged: the loss became" in output
+    assert "Traceback" not in output
     assert "at epoch 2, iteration" in output and "checkpoint_last.pt is kept" in output
     last = load_state(tmp_path / "runs" / "run_0" / "checkpoint_last.pt")
     assert last["trainer"]["iteration"] == last["trainer"]["epoch_length"]  # end of epoch 1
@@ -226,9 +235,12 @@ def test_dataset_dir_without_subjects_stops_with_one_sentence(tmp_path: Path) ->
     (tmp_path / "empty").mkdir()
     result = run_training(tmp_path / "empty", tmp_path / "out")
     assert result.returncode == 2
-    errors = [line for line in result.stdout.splitlines() if " - ERROR - " in line]
-    assert len(errors) == 1 and "holds no preprocessed subject" in errors[0]
-    assert "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: {tmp_path / 'empty'} holds no preprocessed subject (no <subject>/"
+        "preprocessing.json): run `python -m preprocessing hcp --hcp-root RAW --out DATASET` "
+        "first."
+    ]
+    assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / "out").exists()
 
 

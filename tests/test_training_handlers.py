@@ -1,4 +1,5 @@
-"""In-process checks of the training handlers: atomic checkpoints, RNG state, NaN guard, flags."""
+"""In-process checks of the training handlers: atomic checkpoints, RNG state, NaN guard, the
+validation metric of a variance-predicting network."""
 
 from __future__ import annotations
 
@@ -9,15 +10,16 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, EarlyStopping
 
 from monai_iqt.training import (
-    AtomicCheckpointSaver,
+    FixedNameSaver,
     RandomStates,
     StopOnNonFiniteLoss,
     TrainingDiverged,
-    as_bool,
+    flat_pred_label,
+    negative_metric,
 )
-from preprocessing.io import InputError
 
 
 class Counter:
@@ -39,14 +41,12 @@ class Counter:
 def test_a_failed_save_keeps_the_previous_last_checkpoint(tmp_path: Path) -> None:
     counter = Counter()
     engine = Engine(lambda engine, batch: None)
-    saver = AtomicCheckpointSaver(
-        save_dir=str(tmp_path),
-        save_dict={"counter": counter, "engine": engine},
-        save_interval=1,
+    saver = Checkpoint(
+        {"counter": counter, "engine": engine},
+        FixedNameSaver("checkpoint_last.pt", tmp_path),
         n_saved=1,
-        last_filename="checkpoint_last.pt",
     )
-    saver.attach(engine)
+    engine.add_event_handler(Events.EPOCH_COMPLETED, saver)
 
     @engine.on(Events.EPOCH_STARTED)
     def advance(engine: Engine) -> None:
@@ -73,26 +73,23 @@ def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path: Pa
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
-def test_non_finite_loss_names_epoch_and_iteration() -> None:
-    losses = iter([1.0, 0.5, 0.7, float("nan"), 0.1])
+def test_non_finite_loss_stops_before_the_epoch_completes_naming_where() -> None:
+    losses = iter([1.0, 0.5, 0.7, float("nan"), 0.1, 0.1])
     engine = Engine(lambda engine, batch: {"loss": torch.tensor(next(losses))})
-    StopOnNonFiniteLoss("run/checkpoint_last.pt").attach(engine)
-    with pytest.raises(TrainingDiverged) as raised:
-        engine.run([0, 1, 2], max_epochs=2)
-    message = str(raised.value)
+    guard = StopOnNonFiniteLoss("run/checkpoint_last.pt")
+    guard.attach(engine)
+    completed = []
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: completed.append(e.state.epoch))
+    engine.run([0, 1, 2], max_epochs=2)
+    assert completed == [1], "the diverged epoch completed (its checkpoint would be saved)"
+    assert engine.state.iteration == 4
+    assert isinstance(guard.error, TrainingDiverged)
+    message = str(guard.error)
     assert "loss became nan at epoch 2, iteration 1 of 3 (global iteration 4)" in message
     assert "run/checkpoint_last.pt is kept" in message
 
 
-def test_command_line_flags() -> None:
-    assert as_bool("false") is False and as_bool("True") is True and as_bool(False) is False
-    with pytest.raises(InputError, match="expected true or false"):
-        as_bool("maybe")
-
-
-def test_early_stopping_on_rising_rmse_and_its_state_resumes() -> None:
-    from monai_iqt.training import ResumableEarlyStopHandler, negative_metric
-
+def test_early_stopping_on_rising_rmse_and_its_state_resumes(tmp_path: Path) -> None:
     scores = iter([0.9, 0.8, 0.85, 0.84, 0.83, 0.5])  # best at epoch 2, then 3 epochs worse
     trainer = Engine(lambda engine, batch: None)
     evaluator = Engine(lambda engine, batch: None)
@@ -101,19 +98,25 @@ def test_early_stopping_on_rising_rmse_and_its_state_resumes() -> None:
     def score(engine: Engine) -> None:
         engine.state.metrics["val_rmse"] = next(scores)
 
-    stopper = ResumableEarlyStopHandler(
-        patience=3, score_function=negative_metric("val_rmse"), trainer=trainer
-    )
-    stopper.attach(evaluator)
+    stopper = EarlyStopping(patience=3, score_function=negative_metric("val_rmse"), trainer=trainer)
+    evaluator.add_event_handler(Events.EPOCH_COMPLETED, stopper)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: evaluator.run([0]))
     trainer.run([0], max_epochs=10)
     assert trainer.state.epoch == 5  # stopped after 3 epochs without improving on 0.8
-    assert stopper.state_dict() == {"counter": 3, "best_score": -0.8}
+    assert (stopper.counter, stopper.best_score) == (3, -0.8)
 
-    fresh = ResumableEarlyStopHandler(
-        patience=3,
-        score_function=negative_metric("val_rmse"),
-        trainer=Engine(lambda engine, batch: None),
-    )
-    fresh.load_state_dict({"counter": 2, "best_score": -0.8})
-    assert fresh.state_dict() == {"counter": 2, "best_score": -0.8}
+    # Its state goes through a weights-only checkpoint (what resume reads) unchanged.
+    torch.save({"early_stopping": stopper.state_dict()}, tmp_path / "last.pt")
+    fresh = EarlyStopping(3, negative_metric("val_rmse"), Engine(lambda engine, batch: None))
+    fresh.load_state_dict(torch.load(tmp_path / "last.pt", weights_only=True)["early_stopping"])
+    assert (fresh.counter, fresh.best_score) == (3, -0.8)
+
+
+def test_validation_rmse_scores_only_the_mean_channels() -> None:
+    label = torch.randn(2, 6, 3, 3, 3)
+    mean = label + 0.5
+    log_var = torch.full_like(label, 100.0)  # would dominate any RMSE that included it
+    pred, target = flat_pred_label({"pred": torch.cat([mean, log_var], dim=1), "label": label})
+    assert torch.sqrt(torch.mean((pred - target) ** 2)).item() == pytest.approx(0.5)
+    pred, target = flat_pred_label({"pred": mean, "label": label})  # no variance: all channels
+    assert pred.numel() == label.numel()

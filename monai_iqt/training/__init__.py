@@ -1,8 +1,8 @@
 """Training of ESPCN-RN-N for the MONAI bundle ``bundles/iqt_espcn_rn`` (``configs/train.json``).
 
 The config holds the wiring (SupervisedTrainer, SupervisedEvaluator, handlers); this package holds
-what the wiring calls: loss and metric input, resumable and atomic handlers, the NaN guard, the
-restarts runner and the torchrun helpers.
+what the wiring calls: the settings check, metric input, the NaN guard and history, atomic
+fixed-name checkpoints, the restarts runner, the export of the model and the torchrun helpers.
 """
 
 from monai_iqt.training.distributed import (
@@ -16,15 +16,15 @@ from monai_iqt.training.distributed import (
     unwrap,
     world_size,
 )
+from monai_iqt.training.export import export_model, export_models, file_sha256, save_atomically
 from monai_iqt.training.handlers import (
-    AtomicCheckpointSaver,
+    FixedNameSaver,
     RandomStates,
-    ResumableEarlyStopHandler,
     RMSELoss,
+    RunSummaryWriter,
     StopOnNonFiniteLoss,
     TrainingDiverged,
     TrainingHistory,
-    as_bool,
     batch_loss,
     every_n_iterations,
     flat_pred_label,
@@ -32,39 +32,45 @@ from monai_iqt.training.handlers import (
     negative_metric,
 )
 from monai_iqt.training.restarts import (
+    EXIT_INTERRUPTED,
     TrainingRun,
-    export_model,
-    run_restarts,
-    save_atomically,
+    load_patch_data,
     train_with_restarts,
+    validate_settings,
 )
+from monai_iqt.training.settings import check_settings, trained_on
 
 __all__ = [
-    "AtomicCheckpointSaver",
+    "EXIT_INTERRUPTED",
     "BroadcastBuffers",
+    "FixedNameSaver",
     "RMSELoss",
     "RandomStates",
-    "ResumableEarlyStopHandler",
+    "RunSummaryWriter",
     "StopOnNonFiniteLoss",
     "TrainingDiverged",
     "TrainingHistory",
     "TrainingRun",
-    "as_bool",
     "batch_loss",
+    "check_settings",
     "destroy_process_group",
     "every_n_iterations",
     "export_model",
+    "export_models",
+    "file_sha256",
     "flat_pred_label",
     "init_process_group",
     "is_writer",
+    "load_patch_data",
     "local_device",
     "lower_is_better",
     "negative_metric",
     "rank",
-    "run_restarts",
     "save_atomically",
     "state_digest",
     "train_with_restarts",
+    "trained_on",
     "unwrap",
+    "validate_settings",
     "world_size",
 ]

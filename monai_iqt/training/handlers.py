@@ -1,38 +1,30 @@
-"""Ignite/MONAI pieces the training bundle wires together: loss, metric input, and the handlers
-that make a run resumable (atomic checkpoints, early-stopping and RNG state) and safe (NaN guard).
+"""Ignite/MONAI pieces the training bundle wires together: metric input, the NaN guard, the
+per-epoch history, random states and atomic fixed-name checkpoint files.
+
+Checkpointing and early stopping are ignite's own ``Checkpoint`` and ``EarlyStopping`` (both
+have public ``state_dict``/``load_state_dict``); this module only gives ``Checkpoint`` a save
+handler that writes one fixed file name through the project's atomic writer.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
-from ignite.handlers import DiskSaver
-from monai.handlers import CheckpointSaver, EarlyStopHandler
+from ignite.handlers.checkpoint import BaseSaveHandler
 
-from preprocessing.io import InputError
+from preprocessing.io import atomic_path
 
 log = logging.getLogger(__name__)
-
-
-def as_bool(value: bool | str | int) -> bool:
-    """A command-line flag as a bool: ``--memory_efficient false`` reaches the config as the
-    string ``"false"`` (fire only converts Python literals such as ``False``)."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off", "none", ""):
-        return False
-    raise InputError(f"expected true or false, got {value!r}.")
 
 
 class RMSELoss(torch.nn.Module):
@@ -48,13 +40,16 @@ def batch_loss(output: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 
 def flat_pred_label(output: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Evaluator output as 1-D ``(pred, label)``, so ignite's ``RootMeanSquaredError`` averages
-    over every voxel and channel (it divides by the first dimension's length)."""
-    return output["pred"].reshape(-1), output["label"].reshape(-1)
+    """Evaluator output as 1-D ``(pred, label)`` over the label's channels, so ignite's
+    ``RootMeanSquaredError`` averages over every voxel and channel (it divides by the first
+    dimension's length). A network predicting a variance returns the mean in its first channels
+    and the log-variance after them: only the mean is scored."""
+    label = output["label"]
+    return output["pred"][:, : label.shape[1]].reshape(-1), label.reshape(-1)
 
 
 def negative_metric(name: str):
-    """Score for early stopping on an error metric (ignite keeps the highest score)."""
+    """Score of an error metric for ignite's ``EarlyStopping``/``Checkpoint`` (higher = better)."""
 
     def score(engine: Engine) -> float:
         return -float(engine.state.metrics[name])
@@ -63,61 +58,8 @@ def negative_metric(name: str):
 
 
 def lower_is_better(current: float, best: float) -> bool:
-    """``metric_cmp_fn`` of the evaluator: validation RMSE improves when it goes down."""
+    """``metric_cmp_fn`` of MONAI's engines: a loss or an RMSE improves when it goes down."""
     return current < best
-
-
-class _AtomicDiskSaver(DiskSaver):
-    """Ignite's atomic ``DiskSaver`` (temporary file, then rename), optionally to a fixed name.
-
-    A fixed-name file is replaced in place by the next save, so ``remove`` leaves it alone:
-    deleting it first (what MONAI's fixed-name saver does) would leave no checkpoint at all if
-    the process were killed between the delete and the write.
-    """
-
-    def __init__(self, dirname: str, filename: str | None = None) -> None:
-        super().__init__(dirname=dirname, require_empty=False, atomic=True)
-        self.filename = filename
-
-    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        super().__call__(checkpoint, self.filename or filename, metadata)
-
-    def remove(self, filename: str) -> None:
-        if self.filename is None:
-            super().remove(filename)
-
-
-class AtomicCheckpointSaver(CheckpointSaver):
-    """MONAI's ``CheckpointSaver`` writing atomically, with a fixed name for the "last" file.
-
-    MONAI builds its ignite ``DiskSaver`` with ``atomic=False``, so a kill during ``torch.save``
-    would leave a truncated file under the final name. ``last_filename`` names the interval
-    checkpoint (e.g. ``checkpoint_last.pt``, replaced every ``save_interval`` epochs). The saver
-    also exposes its key-metric tracker (``state_dict``), so the "last" checkpoint can record
-    which score the "best" file holds and a resumed run keeps the true best.
-    """
-
-    def __init__(self, *args: Any, last_filename: str | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        fixed_names = (
-            (self._final_checkpoint, self._final_filename),
-            (self._key_metric_checkpoint, kwargs.get("key_metric_filename")),
-            (self._interval_checkpoint, last_filename),
-        )
-        for checkpoint, filename in fixed_names:
-            if checkpoint is not None:
-                checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, filename)
-
-    def state_dict(self) -> dict[str, Any]:
-        if self._key_metric_checkpoint is None:
-            return {"saved": []}
-        return {"saved": [[float(p), str(f)] for p, f in self._key_metric_checkpoint._saved]}
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        if self._key_metric_checkpoint is not None:
-            self._key_metric_checkpoint.load_state_dict(
-                {"_saved": [tuple(item) for item in state_dict.get("saved", [])]}
-            )
 
 
 def every_n_iterations(n: int):
@@ -129,27 +71,66 @@ def every_n_iterations(n: int):
     return event_filter
 
 
-class ResumableEarlyStopHandler(EarlyStopHandler):
-    """MONAI's ``EarlyStopHandler`` with ``state_dict``/``load_state_dict`` (patience counter and
-    best score), so resuming from a checkpoint continues the same early-stopping decision."""
+class FixedNameSaver(BaseSaveHandler):
+    """Save handler of ignite's ``Checkpoint`` writing always the same file, atomically.
 
-    def state_dict(self) -> dict[str, Any]:
-        if self._handler is None:
-            return {"counter": 0, "best_score": None}
-        return {"counter": self._handler.counter, "best_score": self._handler.best_score}
+    ``Checkpoint`` names files after the step or score and removes the previous one; here the
+    new file replaces the old one in a single rename (``preprocessing.io.atomic_path``:
+    temporary file, fsync, rename), so there is always one complete file and never none: a
+    failed or killed save keeps the previous checkpoint. ``folder`` may change between runs.
+    """
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        if self._handler is None:
-            raise RuntimeError("set the trainer of the early-stopping handler before loading it")
-        self._handler.counter = int(state_dict["counter"])
-        best = state_dict["best_score"]
-        self._handler.best_score = None if best is None else float(best)
+    def __init__(self, filename: str, folder: str | os.PathLike | None = None) -> None:
+        self.filename = filename
+        self.folder = None if folder is None else Path(folder)
+
+    @property
+    def path(self) -> Path:
+        if self.folder is None:
+            raise RuntimeError(f"no folder set for {self.filename}")
+        return self.folder / self.filename
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        with atomic_path(self.path) as tmp, open(tmp, "wb") as stream:
+            torch.save(checkpoint, stream)
+
+    def remove(self, filename: str) -> None:
+        """Nothing to remove: the next save replaces the same file."""
+
+
+class RunSummaryWriter:
+    """A TensorBoard ``SummaryWriter`` that restarts reopen in their own run folder.
+
+    MONAI's TensorBoard handlers keep the writer they were built with; this stand-in forwards
+    to a ``SummaryWriter`` of the current run, created only when :meth:`open` is called (so
+    building the bundle's components writes nothing).
+    """
+
+    def __init__(self) -> None:
+        self._writer = None
+
+    def open(self, log_dir: str | os.PathLike) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.close()
+        self._writer = SummaryWriter(log_dir=str(log_dir))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __getattr__(self, name: str) -> Any:
+        writer = self.__dict__.get("_writer")
+        if writer is None:
+            raise RuntimeError(f"RunSummaryWriter.{name}: no run is open")
+        return getattr(writer, name)
 
 
 class RandomStates:
     """Python, NumPy and torch (CPU and CUDA) random generator states, saved in checkpoints.
 
-    Stored as plain lists/tensors so ``torch.load(weights_only=True)`` (MONAI's loader) reads them.
+    Stored as plain lists/tensors so ``torch.load(weights_only=True)`` reads them.
     """
 
     def state_dict(self) -> dict[str, Any]:
@@ -182,15 +163,22 @@ class StopOnNonFiniteLoss:
     """Stop training with a clear sentence when the loss is NaN or infinite.
 
     Runs at every iteration; in distributed training the check is agreed across ranks (one
-    scalar all-reduce), so every rank stops at the same iteration instead of hanging. Nothing is
-    saved on the way out, so the last checkpoint on disk is the last good one.
+    scalar all-reduce), so every rank stops at the same iteration instead of hanging. The
+    trainer is terminated (no exception inside the engine, so no handler logs a traceback) before
+    the epoch completes, so nothing is saved: the last checkpoint on disk is the last good one.
+    :attr:`error` holds the :class:`TrainingDiverged` to raise once the engine has stopped.
     """
 
-    def __init__(self, checkpoint_path: str | None = None) -> None:
-        self.checkpoint_path = checkpoint_path
+    def __init__(self, checkpoint_name: str | None = None) -> None:
+        self.checkpoint_name = checkpoint_name
+        self.error: TrainingDiverged | None = None
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        self.error = None
 
     def __call__(self, engine: Engine) -> None:
         output = engine.state.output
@@ -202,16 +190,17 @@ class StopOnNonFiniteLoss:
         if finite.item() < 1:
             iteration_in_epoch = (engine.state.iteration - 1) % engine.state.epoch_length + 1
             where = (
-                f"the last good checkpoint {self.checkpoint_path} is kept"
-                if self.checkpoint_path
+                f"the last good checkpoint {self.checkpoint_name} is kept"
+                if self.checkpoint_name
                 else "no checkpoint was written"
             )
-            raise TrainingDiverged(
+            self.error = TrainingDiverged(
                 f"training diverged: the loss became {float(torch.as_tensor(loss)):.4g} at epoch "
                 f"{engine.state.epoch}, iteration {iteration_in_epoch} of "
                 f"{engine.state.epoch_length} (global iteration {engine.state.iteration}); "
                 f"{where}; lower learning_rate or check the data."
             )
+            engine.terminate()
 
 
 def _collective_device() -> torch.device:

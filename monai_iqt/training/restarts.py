@@ -1,96 +1,196 @@
 """Restarts runner of the training bundle: K runs with distinct seeds, resume, best model export.
 
-The paper trains 4 models per setting and keeps the best on validation. Each run gets fresh
-components built from the bundle config (network, optimizer, trainer, handlers, ...), with
-``run_index`` set so that the run's seed is ``seed + run_index`` and its files go to
-``runs/run_<index>/``; the patch data is read once and shared. After every run ``runs.json``
-is rewritten; at the end the best run's ``model_best.pt`` becomes ``models/model.pt`` with
-``models/normalisation.json`` beside it.
+The paper trains 4 models per setting and keeps the best on validation. The bundle config builds
+one set of components (network, optimizer, trainer, evaluator, ...) and :class:`TrainingRun`
+returns them to their initial state before each run: the network's weights are those of a new
+network built by the config's ``network_factory`` under the run's seed (``seed + index``), so
+they are exactly what the network's own initialisation draws; every other component gets back
+the state it had before any
+training (the same ``state_dict`` mechanism that resumes from a checkpoint), and checkpoints and
+TensorBoard events go to ``runs/run_<index>/``.
+
+Why reuse rather than rebuild: a bundle expression has no public handle on the ``ConfigParser``
+evaluating it (references resolve to instantiated objects, and a ``%`` macro's copy of the config
+is parsed and instantiated like the rest), so rebuilding per run would need the parser found by
+other means. Resetting the components through their public ``state_dict``/``load_state_dict``
+needs none, and the config stays the one place where the training is wired.
+
+After every run ``runs/runs.json`` is rewritten; at the end the best run's ``model_best.pt``
+becomes ``models/model.pt`` and ``models/normalisation.json`` (with the sha256 of model.pt).
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import logging
 import math
-import os
+import signal
+import sys
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from ignite.engine import Engine
-from monai.bundle import ConfigParser
-from monai.handlers import CheckpointLoader
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, EarlyStopping
 from monai.utils import set_determinism
+from tqdm import tqdm
 
-from monai_iqt.data.patches import PatchData
-from monai_iqt.training.distributed import is_writer, rank, state_digest, world_size
-from monai_iqt.training.handlers import TrainingDiverged, TrainingHistory, as_bool
-from preprocessing.io import InputError, atomic_path, write_json
+from monai_iqt.bundle import exit_on_bad_input
+from monai_iqt.data.patches import PatchData, build_patch_data
+from monai_iqt.training.distributed import is_writer, rank, state_digest, unwrap, world_size
+from monai_iqt.training.export import export_models
+from monai_iqt.training.handlers import (
+    FixedNameSaver,
+    RandomStates,
+    RunSummaryWriter,
+    StopOnNonFiniteLoss,
+    TrainingDiverged,
+    TrainingHistory,
+    negative_metric,
+)
+from monai_iqt.training.settings import (
+    BEST_CHECKPOINT,
+    LAST_CHECKPOINT,
+    RUNS_FILE,
+    SETTINGS_FILE,
+    check_settings,
+    compare_settings,
+    existing_runs,
+    load_settings,
+    trained_on,
+)
+from preprocessing.io import InputError, remove_stale_temporaries, write_json
 
 log = logging.getLogger(__name__)
 
-RUNS_FILE = "runs.json"
-LAST_CHECKPOINT = "checkpoint_last.pt"
-BEST_CHECKPOINT = "model_best.pt"
-#: Exit code of the bundle command on bad input or divergence (as the project's other CLIs).
-EXIT_BAD_INPUT = 2
+#: Exit code after Ctrl-C (128 + SIGINT), as a shell reports it.
+EXIT_INTERRUPTED = 130
 
 
-@dataclass
 class TrainingRun:
-    """One run as wired by the bundle config's ``run`` component."""
+    """The components every run trains with, and what a run adds to them: early stopping, the
+    best and last checkpoints, the NaN guard and the run's folder.
 
-    index: int
-    seed: int
-    run_dir: str
-    trainer: Engine
-    network: torch.nn.Module
-    history: TrainingHistory
-    early_stopping: Any
-    checkpoint_objects: dict[str, Any]
-    checkpoint_handlers: list[Any]
-    summary_writer: Any = None
+    ``checkpoint_objects`` is everything a run's state consists of; ``checkpoint_last.pt``
+    holds it after every epoch, so a resumed run continues exactly where it stopped.
+    """
 
-    def __post_init__(self) -> None:
-        # Wired here, not in the config: the trainer references the evaluator, whose handlers
-        # would otherwise reference the trainer back (a cycle the config parser cannot build).
-        self.early_stopping.set_trainer(self.trainer)
-        for handler in self.checkpoint_handlers:  # after the trainer's own handlers: saves last
-            handler.attach(self.trainer)
+    def __init__(
+        self,
+        trainer: Engine,
+        evaluator: Engine,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any,
+        history: TrainingHistory,
+        network_factory: Callable[[], torch.nn.Module],
+        early_stopping_patience: int,
+        train_sampler: Any = None,
+        summary_writer: RunSummaryWriter | None = None,
+        metric_name: str = "val_rmse",
+        write_outputs: bool = True,
+    ) -> None:
+        self.trainer = trainer
+        self.evaluator = evaluator
+        self.network = network
+        self.network_factory = network_factory
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.history = history
+        self.train_sampler = train_sampler
+        self.summary_writer = summary_writer
+        self.write_outputs = write_outputs
+        self.run_dir: Path | None = None
+        score = negative_metric(metric_name)
+        # Built here, not in the config: the trainer references the evaluator (validation),
+        # whose handlers would reference the trainer back, a cycle the config cannot build.
+        self.early_stopping = EarlyStopping(int(early_stopping_patience), score, trainer)
+        evaluator.add_event_handler(Events.EPOCH_COMPLETED, self.early_stopping)
+        self.nan_guard = StopOnNonFiniteLoss()
+        self.nan_guard.attach(trainer)
+        self.best_saver = Checkpoint(
+            {"network": network},
+            FixedNameSaver(BEST_CHECKPOINT),
+            n_saved=1,
+            score_function=score,
+            score_name=metric_name,
+        )
+        self.checkpoint_objects = {
+            "network": network,
+            "optimizer": optimizer,
+            "lr_scheduler": lr_scheduler,
+            "trainer": trainer,
+            "early_stopping": self.early_stopping,
+            "best_model_tracker": self.best_saver,
+            "history": history,
+            "random_states": RandomStates(),
+        }
+        self.last_saver = Checkpoint(
+            self.checkpoint_objects, FixedNameSaver(LAST_CHECKPOINT), n_saved=1
+        )
+        if write_outputs:
+            evaluator.add_event_handler(Events.EPOCH_COMPLETED, self.best_saver)
+            # After the trainer's own handlers (validation, history): saves the whole epoch.
+            trainer.add_event_handler(Events.EPOCH_COMPLETED, self.last_saver)
+        self._initial = {
+            "optimizer": copy.deepcopy(optimizer.state_dict()),
+            "lr_scheduler": copy.deepcopy(lr_scheduler.state_dict()),
+            "early_stopping": copy.deepcopy(self.early_stopping.state_dict()),
+        }
 
     @property
     def last_checkpoint(self) -> Path:
-        return Path(self.run_dir) / LAST_CHECKPOINT
+        return self.run_dir / LAST_CHECKPOINT
 
     @property
     def best_checkpoint(self) -> Path:
-        return Path(self.run_dir) / BEST_CHECKPOINT
+        return self.run_dir / BEST_CHECKPOINT
 
-    def execute(self, resume: bool) -> dict[str, Any]:
-        """Train (resuming from the last checkpoint when asked and present); return the record."""
-        resumed_from = None
-        if resume and self.last_checkpoint.is_file():
-            loader = CheckpointLoader(
-                load_path=str(self.last_checkpoint),
-                load_dict=self.checkpoint_objects,
-                map_location="cpu",
-            )
-            loader.attach(self.trainer)
-            resumed_from = str(self.last_checkpoint)
-        start = time.perf_counter()
+    def start(self, index: int, seed: int, run_dir: Path, checkpoint: dict | None = None) -> None:
+        """Return every component to its state before training, with the network initialised
+        from ``seed``; then load ``checkpoint`` (a run's ``checkpoint_last.pt``) if given."""
+        self.index, self.seed, self.run_dir = index, seed, Path(run_dir)
+        set_determinism(seed=seed)
+        fresh = self.network_factory()
+        unwrap(self.network).load_state_dict(fresh.state_dict())
+        self.optimizer.load_state_dict(copy.deepcopy(self._initial["optimizer"]))
+        self.lr_scheduler.load_state_dict(copy.deepcopy(self._initial["lr_scheduler"]))
+        self.early_stopping.load_state_dict(copy.deepcopy(self._initial["early_stopping"]))
+        self.history.load_state_dict({"epochs": []})
+        self.best_saver.reset()
+        self.last_saver.reset()
+        for engine in (self.trainer, self.evaluator):
+            _reset_engine(engine)
+        if hasattr(self.train_sampler, "seed"):
+            self.train_sampler.seed = seed  # torch's DistributedSampler shuffles with seed+epoch
+        self.best_saver.save_handler.folder = self.run_dir
+        self.last_saver.save_handler.folder = self.run_dir
+        self.nan_guard.checkpoint_name = str(self.last_checkpoint) if self.write_outputs else None
+        if checkpoint is not None:
+            Checkpoint.load_objects(to_load=self.checkpoint_objects, checkpoint=checkpoint)
+
+    def execute(self) -> None:
+        """Train (from the state :meth:`start` set). Ctrl-C asks the trainer to stop after the
+        current iteration (ignite's ``terminate``: the epoch's checkpoint is not written half
+        done) and raises ``KeyboardInterrupt`` once it has; a second Ctrl-C stops at once."""
+        stop = _StopRequest(self.trainer)
+        previous = _set_sigint(stop)
+        if self.write_outputs and self.summary_writer is not None:
+            self.summary_writer.open(self.run_dir)
         try:
             self.trainer.run()
         finally:
+            _set_sigint(previous)
             if self.summary_writer is not None:
                 self.summary_writer.close()
-        return self.record(
-            status=None, seconds=time.perf_counter() - start, resumed_from=resumed_from
-        )
+        if stop.requested:
+            raise KeyboardInterrupt
+        if self.nan_guard.error is not None:
+            raise self.nan_guard.error
 
     def record(self, status: str | None, seconds: float, resumed_from: str | None = None) -> dict:
         state = self.trainer.state
@@ -115,172 +215,232 @@ class TrainingRun:
         }
 
 
-def train_with_restarts(
-    num_restarts: int,
-    output_dir: str,
-    resume: bool = False,
-    model_extra: dict[str, Any] | None = None,
-    data_id: str = "patch_data",
-    run_id: str = "run",
-    parser: ConfigParser | None = None,
-) -> dict[str, Any]:
-    """Run ``num_restarts`` trainings of the bundle's ``run`` component and export the best.
+def _set_sigint(handler: Any) -> Any:
+    """Install a SIGINT handler (only the main thread may); returns the previous one."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, handler)
 
-    Writes ``output_dir/runs/runs.json`` and ``output_dir/models/{model.pt,normalisation.json}``
-    (rank 0 only). ``parser`` defaults to the ``monai.bundle`` parser evaluating this call.
-    Raises ``InputError`` on bad data and ``TrainingDiverged`` on a NaN loss.
+
+class _StopRequest:
+    """SIGINT handler during training: the first asks the trainer to stop, a second interrupts."""
+
+    def __init__(self, trainer: Engine) -> None:
+        self.trainer = trainer
+        self.requested = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            signal.default_int_handler(signum, frame)
+        self.requested = True
+        self.trainer.terminate()
+
+
+def _reset_engine(engine: Engine) -> None:
+    engine.state.iteration = 0
+    engine.state.epoch = 0
+    engine.state.metrics = {}
+    if hasattr(engine.state, "best_metric"):  # MONAI's workflows track their key metric
+        engine.state.best_metric = -1
+        engine.state.best_metric_epoch = -1
+
+
+#: ``build_patch_data`` whose bad input (a missing subject, a truncated volume, ...) is one
+#: sentence and exit 2 even when the bundle's parser builds it.
+load_patch_data = exit_on_bad_input(build_patch_data)
+
+
+@exit_on_bad_input
+def validate_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """First step of the bundle's ``run`` entry: :func:`check_settings` before anything is built.
+
+    Also makes Ctrl-C outside a training epoch (loading the data, between runs, exporting) one
+    line and exit 130; during an epoch :meth:`TrainingRun.execute` handles it.
     """
-    if int(num_restarts) < 1:
-        raise InputError(f"num_restarts must be >= 1, got {num_restarts}.")
-    resume = as_bool(resume)
-    parser = parser if parser is not None else _running_parser()
-    patch_data: PatchData = _resolve(parser, data_id)
-    runs_dir = Path(output_dir) / "runs"
-    summary = _load_summary(runs_dir) if resume else {"runs": []}
+    _set_sigint(_interrupted_outside_training)
+    return check_settings(settings)
+
+
+def _interrupted_outside_training(signum: int, frame: Any) -> None:
+    print(
+        "training interrupted outside a training epoch: run the same command with --resume true "
+        "to continue.",
+        file=sys.stderr,
+        flush=True,
+    )
+    raise SystemExit(EXIT_INTERRUPTED)
+
+
+@exit_on_bad_input
+def train_with_restarts(
+    training_run: TrainingRun, patch_data: PatchData, settings: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Run ``num_restarts`` trainings and export the best (the bundle's ``run`` entry).
+
+    Writes ``runs/settings.json``, ``runs/runs.json``, ``runs/run_<k>/`` and
+    ``models/{model.pt,normalisation.json}`` in ``output_dir`` (rank 0 only). Bad input, a
+    corrupt checkpoint or divergence: one sentence, exit 2; Ctrl-C: one line, exit 130.
+    """
+    checked = check_settings(settings)
+    output_dir = Path(str(checked["output_dir"]))
+    runs_dir = output_dir / "runs"
+    record = {**checked["record"], "normalisation": _statistics(patch_data)}
+    if checked["resume"]:
+        recorded = load_settings(runs_dir)
+        if recorded is not None:
+            compare_settings(recorded, {"normalisation": record["normalisation"]}, runs_dir)
+    num_restarts = checked["num_restarts"]
+    summary = _load_summary(runs_dir) if checked["resume"] else {"runs": []}
+    checkpoints = _resumable_checkpoints(runs_dir, num_restarts, summary, checked["resume"])
     writer = is_writer()
-    for index in range(int(num_restarts)):
-        done = _finished_record(summary, index)
-        if done is not None:
-            log.info("run %d already finished (runs.json), skipping it", index)
+    # Everything is checked: from here on the output folder changes.
+    if writer:
+        if checked["overwrite"]:
+            _clear_runs(runs_dir, num_restarts)
+        write_json(runs_dir / SETTINGS_FILE, record)
+    for index in range(num_restarts):
+        if _finished_record(summary, index) is not None:
+            log.info("run %d already finished (%s), skipping it", index, RUNS_FILE)
             continue
-        run_parser = _run_parser(parser, index, data_id, patch_data)
-        seed = int(run_parser.get_parsed_content("run_seed"))
-        run_dir = Path(run_parser.get_parsed_content("run_dir"))
-        resuming = resume and (run_dir / LAST_CHECKPOINT).is_file()
-        if writer and not resuming:
+        seed = checked["seed"] + index
+        run_dir = runs_dir / f"run_{index}"
+        checkpoint = checkpoints.get(index)
+        if writer and checkpoint is None:
             _clear_run_dir(run_dir)
-        set_determinism(seed=seed)
-        run: TrainingRun = _resolve(run_parser, run_id)
+        training_run.start(index, seed, run_dir, checkpoint)
         log.info(
             "run %d of %d: seed %d, files in %s%s",
             index + 1,
             num_restarts,
             seed,
             run_dir,
-            " (resuming)" if resuming else "",
+            " (resuming)" if checkpoint is not None else "",
         )
         start = time.perf_counter()
         try:
-            record = run.execute(resume=resuming)
-        except TrainingDiverged:
-            _set_record(summary, run.record("diverged", time.perf_counter() - start))
+            training_run.execute()
+        except TrainingDiverged as error:
+            _set_record(summary, training_run.record("diverged", time.perf_counter() - start))
             if writer:
                 write_json(runs_dir / RUNS_FILE, summary)
-            raise
-        _set_record(summary, record)
+            _say(f"error: {error}")
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            _report_interrupt(training_run, num_restarts)
+        resumed_from = str(training_run.last_checkpoint) if checkpoint is not None else None
+        run_record = training_run.record(None, time.perf_counter() - start, resumed_from)
+        _set_record(summary, run_record)
         log.info(
             "rank %d/%d run %d: %s after %d epochs, best val_rmse %s at epoch %s, weights %s",
             rank(),
             world_size(),
             index,
-            record["status"],
-            record["epochs_completed"],
-            record["best_val_rmse"],
-            record["best_epoch"],
-            record["weights_sha256"],
+            run_record["status"],
+            run_record["epochs_completed"],
+            run_record["best_val_rmse"],
+            run_record["best_epoch"],
+            run_record["weights_sha256"],
         )
         if writer:
             write_json(runs_dir / RUNS_FILE, summary)
     best = _best_record(summary)
     summary["best_run"] = best["index"]
-    extra = {
-        **patch_data.model_extra(),
-        **(model_extra or {}),
-        "seed": best["seed"],
-        "best_val_rmse": best["best_val_rmse"],
-        "best_epoch": best["best_epoch"],
-    }
     if writer:
-        models_dir = Path(output_dir) / "models"
-        summary["model"] = str(export_model(best["best_checkpoint"], models_dir / "model.pt"))
-        stats = copy.deepcopy(patch_data.stats)
-        stats.extra = extra
-        summary["normalisation"] = str(stats.save(models_dir / "normalisation.json"))
+        extra = {
+            **patch_data.model_extra(),
+            "num_blocks": checked["num_revnet_blocks"],
+            "memory_efficient": checked["memory_efficient"],
+            "patches_per_subject": checked["patches_per_subject"],
+            "batch_size": checked["batch_size"],
+            "learning_rate": checked["learning_rate"],
+            "loss": record["loss"],
+            "predict_variance": record["predict_variance"],
+            "dropout_rate": record["dropout_rate"],
+            "trained_on": trained_on(checked["subject_folders"]),
+            "settings": checked["record"],
+            "seed": best["seed"],
+            "best_val_rmse": best["best_val_rmse"],
+            "best_epoch": best["best_epoch"],
+        }
+        model, stats = export_models(
+            best["best_checkpoint"], patch_data.stats, extra, output_dir / "models"
+        )
+        summary["model"], summary["normalisation"] = str(model), str(stats)
         write_json(runs_dir / RUNS_FILE, summary)
         log.info(
             "best run %d (val_rmse %.5g) exported to %s",
             best["index"],
             best["best_val_rmse"],
-            summary["model"],
+            model,
         )
     return summary
 
 
-def run_restarts(**kwargs: Any) -> dict[str, Any] | None:
-    """Bundle entry point: :func:`train_with_restarts`, turning bad input and divergence into
-    one logged sentence and exit code 2 (as the project's other command-line tools do)."""
+def _report_interrupt(training_run: TrainingRun, num_restarts: int) -> None:
+    last = training_run.last_checkpoint
     try:
-        return train_with_restarts(**kwargs)
-    except (InputError, TrainingDiverged) as error:
-        log.error("%s", error)
-        raise SystemExit(EXIT_BAD_INPUT) from None
-    except RuntimeError as error:
-        cause = _input_error_cause(error)
-        if cause is None:
-            raise
-        log.error("%s", cause)
-        raise SystemExit(EXIT_BAD_INPUT) from None
-
-
-def export_model(best_checkpoint: str | os.PathLike, model_path: str | os.PathLike) -> Path:
-    """Copy a run's best weights (a plain ESPCN_RN state dict) to ``model_path`` atomically."""
-    state_dict = torch.load(best_checkpoint, map_location="cpu", weights_only=True)
-    if "network" in state_dict and isinstance(state_dict["network"], dict):
-        state_dict = state_dict["network"]
-    return save_atomically(state_dict, model_path)
-
-
-def save_atomically(payload: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the destination folder, then rename."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as stream:
-        torch.save(payload, stream)  # a stream, not a path: no random temporary name inside
-    return Path(path)
-
-
-def _running_parser() -> ConfigParser:
-    """The ``ConfigParser`` evaluating the current bundle expression.
-
-    A bundle config cannot reference its own parser, yet every restart needs fresh components
-    built from exactly the config being run (files merged, command-line overrides applied), so
-    the parser is taken from the call stack (``ConfigParser.get_parsed_content`` -> ``eval``).
-    """
-    frame = inspect.currentframe()
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, ConfigParser):
-            return candidate
-        frame = frame.f_back
-    raise RuntimeError(
-        "train_with_restarts needs parser= when not called from a monai.bundle config"
+        trainer = torch.load(last, map_location="cpu", weights_only=True)["trainer"]
+        saved = f"{last} holds epoch {trainer['iteration'] // trainer['epoch_length']}"
+    except Exception:  # not written yet (or unreadable): say so rather than guess
+        saved = f"no complete epoch of this run was saved ({last})"
+    _say(
+        f"training interrupted in run {training_run.index} of {num_restarts} at epoch "
+        f"{training_run.trainer.state.epoch}; {saved}: run the same command with --resume true "
+        "to continue."
     )
+    raise SystemExit(EXIT_INTERRUPTED)
 
 
-def _run_parser(parser: ConfigParser, index: int, data_id: str, patch_data: Any) -> ConfigParser:
-    """A fresh parser of the same config with ``run_index`` set and the shared patch data."""
-    config = copy.deepcopy({k: v for k, v in parser.get().items() if k != data_id})
-    config["run_index"] = index
-    config[data_id] = patch_data
-    return ConfigParser(config=config, globals=dict(parser.globals))
+def _say(line: str) -> None:
+    """One line on stderr, on a line of its own even when a progress bar was drawing there."""
+    tqdm.write(line, file=sys.stderr)
+    sys.stderr.flush()
 
 
-def _resolve(parser: ConfigParser, config_id: str) -> Any:
-    return parser.get_parsed_content(config_id)
+def _statistics(patch_data: PatchData) -> dict[str, list[float]]:
+    stats = patch_data.stats
+    return {
+        "input_mean": list(stats.input_mean),
+        "input_std": list(stats.input_std),
+        "target_mean": list(stats.target_mean),
+        "target_std": list(stats.target_std),
+    }
 
 
-def _input_error_cause(error: BaseException) -> InputError | None:
-    while error is not None:
-        if isinstance(error, InputError):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
+def _resumable_checkpoints(
+    runs_dir: Path, num_restarts: int, summary: dict, resume: bool
+) -> dict[int, dict]:
+    """The last checkpoints a resume continues from, each read now (one sentence if corrupt)."""
+    checkpoints = {}
+    if not resume:
+        return checkpoints
+    for index in range(num_restarts):
+        path = runs_dir / f"run_{index}" / LAST_CHECKPOINT
+        if _finished_record(summary, index) is not None or not path.is_file():
+            continue
+        try:
+            checkpoints[index] = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises several types for a truncated or foreign file
+            raise InputError(
+                f"{path} is not a readable checkpoint ({type(error).__name__}); delete it to "
+                f"restart run {index} from its first epoch, or give --overwrite true instead of "
+                "--resume true to start every run over."
+            ) from None
+    return checkpoints
 
 
 def _load_summary(runs_dir: Path) -> dict[str, Any]:
     path = runs_dir / RUNS_FILE
     if not path.is_file():
         return {"runs": []}
-    with open(path) as stream:
-        return json.load(stream)
+    try:
+        with open(path) as stream:
+            summary = json.load(stream)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path} is not a readable run record ({error}).") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("runs"), list):
+        raise InputError(f"{path} is not a run record (no list of runs).")
+    return summary
 
 
 def _finished_record(summary: dict[str, Any], index: int) -> dict[str, Any] | None:
@@ -306,18 +466,21 @@ def _best_record(summary: dict[str, Any]) -> dict[str, Any]:
     return min(scored, key=lambda r: (r["best_val_rmse"], r["index"]))
 
 
+def _clear_runs(runs_dir: Path, num_restarts: int) -> None:
+    """``--overwrite true``: remove what earlier trainings wrote in ``runs_dir`` (only that)."""
+    for path in existing_runs(runs_dir):
+        if path.parent == runs_dir:
+            path.unlink()
+    for run_dir in sorted(runs_dir.glob("run_*")):
+        _clear_run_dir(run_dir)
+
+
 def _clear_run_dir(run_dir: Path) -> None:
     """Remove a previous run's checkpoints and TensorBoard events before starting afresh."""
     if not run_dir.is_dir():
         return
-    stale = [
-        run_dir / LAST_CHECKPOINT,
-        run_dir / BEST_CHECKPOINT,
-        *run_dir.glob("events.out.tfevents.*"),
-    ]
-    for path in stale:
-        if path.exists():
-            path.unlink()
-    for path in run_dir.glob("tmp*"):  # ignite's temporaries of a save that was killed
-        if path.is_file():
-            path.unlink()
+    for path in (run_dir / LAST_CHECKPOINT, run_dir / BEST_CHECKPOINT):
+        path.unlink(missing_ok=True)
+    for path in run_dir.glob("events.out.tfevents.*"):
+        path.unlink()
+    remove_stale_temporaries(run_dir)
