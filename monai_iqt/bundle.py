@@ -109,9 +109,33 @@ def check_inference_settings(
     sw_batch_size: Any,
     tensor_order: str,
     repair_tensors: Any,
+    mc_samples: Any = 1,
+    predict_variance: Any = None,
+    normalisation_path: Any = None,
 ) -> None:
-    """Every inference setting checked before a component is built (the ``initialize`` step)."""
-    inferers, inputs, _, _ = _inference_api()
+    """Every inference setting checked before a component is built (the ``initialize`` step).
+
+    ``predict_variance`` true asks for the intrinsic uncertainty: the weights must have been
+    trained with a variance output; ``mc_samples`` > 1 needs weights trained with dropout.
+    """
+    inferers, inputs, _, weights = _inference_api()
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        raise InputError(f"mc_samples {mc_samples!r} must be an integer >= 1.")
+    if normalisation_path is not None and (
+        mc_samples > 1 or (predict_variance is not None and as_bool(predict_variance))
+    ):
+        settings = weights.network_settings(normalisation_path)
+        if predict_variance is not None and as_bool(predict_variance):
+            if not settings["predict_variance"]:
+                raise InputError(
+                    f"predict_variance true needs weights trained with a variance output, but "
+                    f"{normalisation_path} records predict_variance false."
+                )
+        if mc_samples > 1 and settings["dropout_rate"] <= 0:
+            raise InputError(
+                f"mc_samples {mc_samples} needs weights trained with dropout, but "
+                f"{normalisation_path} records dropout_rate 0."
+            )
     if inference_mode not in inferers.INFERENCE_MODES:
         raise InputError(
             f"inference_mode {inference_mode!r} is not one of "
@@ -188,7 +212,11 @@ def predict_and_write(
             if item.mask_lr is not None
             else np.any(item.dt_lr != 0, axis=-1)
         )
-        dt_hr = volume_inferer(item.dt_lr, region)
+        dt_std = None
+        if volume_inferer.gives_std:
+            dt_hr, dt_std = volume_inferer.predict_with_std(item.dt_lr, region)
+        else:
+            dt_hr = volume_inferer(item.dt_lr, region)
         mask_hr = inferers.repeat_blocks(region, r)
         record = {
             **provenance,
@@ -196,9 +224,10 @@ def predict_and_write(
             "mask": item.mask_source,
             "upscale_factor": r,
             "inference_mode": volume_inferer.inferer.inference_mode,
+            "mc_samples": volume_inferer.mc_samples,
         }
         written[item.name] = writer(
-            targets[item.name], dt_hr, mask_hr, hr_affine_from_lr(item.affine, r), record
+            targets[item.name], dt_hr, mask_hr, hr_affine_from_lr(item.affine, r), record, dt_std
         )
         log.info("%s -> %s", item.source, targets[item.name])
     return written
@@ -227,6 +256,9 @@ def run_inference(
     inference_mode: str = "whole_volume",
     tensor_order: str = "dipy",
     repair_tensors: bool = False,
+    mc_samples: int = 1,
+    predict_variance: bool | None = None,
+    seed: int = 0,
 ) -> dict[str, dict[str, Path]]:
     """Validate every input and output folder, then load the model, predict and write.
 
@@ -236,11 +268,28 @@ def run_inference(
     """
     inferers, _, outputs, _ = _inference_api()
     check_inference_settings.__wrapped__(
-        inference_mode, roi_size, sw_batch_size, tensor_order, repair_tensors
+        inference_mode, roi_size, sw_batch_size, tensor_order, repair_tensors, mc_samples
     )
     items, targets = prepare_inference(input, output_dir, mask, bvals, bvecs, tensor_order)
+    check_inference_settings.__wrapped__(
+        inference_mode,
+        roi_size,
+        sw_batch_size,
+        tensor_order,
+        repair_tensors,
+        mc_samples,
+        predict_variance,
+        normalisation_path,
+    )
     volume_inferer = inferers.make_inferer(
-        model_path, normalisation_path, roi_size, sw_batch_size, device, inference_mode
+        model_path,
+        normalisation_path,
+        roi_size,
+        sw_batch_size,
+        device,
+        inference_mode,
+        mc_samples=mc_samples,
+        seed=seed,
     )
     writer = outputs.PredictionWriter(as_bool(repair_tensors))
     provenance = _provenance(model_path, volume_inferer.stats)
@@ -261,6 +310,8 @@ def inference(
     bvecs: Any = None,
     tensor_order: str = "dipy",
     device: Any = None,
+    mc_samples: int = 1,
+    seed: int = 0,
 ) -> dict[str, dict[str, Path]]:
     """The bundle's ``run`` for inference: the config's network (weights loaded), inferer and
     writer applied to ``input``; bad input is one sentence and exit 2."""
@@ -275,5 +326,7 @@ def inference(
         upscale_factor=int(stats.extra.get("upscale_factor", 2)),
         device=device,
         inferer=inferer,
+        mc_samples=mc_samples,
+        seed=seed,
     )
     return predict_and_write(volume_inferer, writer, items, targets, _provenance(model_path, stats))

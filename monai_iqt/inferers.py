@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,9 @@ import torch
 from monai.inferers import Inferer, SlidingWindowSplitter
 
 from monai_iqt.data.normalise import NormalisationStats
+from monai_iqt.engine.dropout import dropout_layers, fixed_dropout_masks
 from monai_iqt.networks.espcn import VALID_SHRINK
+from preprocessing.io import InputError
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +303,9 @@ class WholeBrainInferer:
             ``inferer`` is not given.
         device: where the network runs (CUDA when present by default); the volume stays on CPU.
         inferer: a configured :class:`HaloExactInferer` (e.g. the bundle's ``inferer``).
+        mc_samples: Monte Carlo dropout samples for :meth:`predict_with_std` (each a fixed set
+            of dropout masks drawn from ``seed + k``, so windows stay exact); 1 = no dropout.
+        seed: seed of the first sample's masks.
     """
 
     def __init__(
@@ -312,7 +318,13 @@ class WholeBrainInferer:
         device: torch.device | str | None = None,
         inferer: HaloExactInferer | None = None,
         inference_mode: str = "whole_volume",
+        mc_samples: int = 1,
+        seed: int = 0,
     ) -> None:
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise InputError(f"mc_samples must be an integer >= 1, got {mc_samples!r}.")
+        self.mc_samples = mc_samples
+        self.seed = int(seed)
         self.device = torch.device(device) if device is not None else default_device()
         self.network = network.to(self.device).eval()
         self.stats = stats
@@ -363,6 +375,56 @@ class WholeBrainInferer:
         prediction = self.network(self._padded_input(dt_lr).to(self.device)).cpu()
         return self._finish(prediction, brain_lr)
 
+    @property
+    def gives_std(self) -> bool:
+        """True when :meth:`predict_with_std` has an uncertainty to report."""
+        return bool(getattr(self.network, "predict_variance", False)) or self.mc_samples > 1
+
+    @torch.no_grad()
+    def predict_with_std(
+        self, dt_lr: np.ndarray, brain_lr: np.ndarray | None = None, whole_volume: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Predictive mean and standard deviation (rX, rY, rZ, 6) in mm^2/s.
+
+        Over ``mc_samples`` dropout samples: the mean of the samples' means; the variance is
+        the mean intrinsic variance (``exp(log_var) * target_std^2``, networks with
+        ``predict_variance``) plus the variance of the samples' means (parameter uncertainty).
+        The std is None when the network has neither. ``whole_volume`` runs one pass over the
+        whole volume per sample instead of the inferer (the reference for the windows).
+        """
+        brain_lr = _brain_or_nonzero(dt_lr, brain_lr)
+        padded = self._padded_input(dt_lr)
+        brain = torch.from_numpy(np.pad(brain_lr, VALID_SHRINK))
+        std_t = torch.tensor(self.stats.target_std, dtype=torch.float32).view(6, 1, 1, 1)
+        mean_t = torch.tensor(self.stats.target_mean, dtype=torch.float32).view(6, 1, 1, 1)
+        dropout = self.mc_samples > 1 and bool(dropout_layers(self.network))
+        mean = m2 = intrinsic = None
+        for k in range(self.mc_samples):
+            with fixed_dropout_masks(self.network, self.seed + k) if dropout else nullcontext():
+                if whole_volume:
+                    prediction = self.network(padded.to(self.device)).cpu()
+                else:
+                    prediction = self.inferer(padded, self.network, brain)
+            sample = prediction[0, :6].float() * std_t + mean_t
+            if prediction.shape[1] == 12:
+                variance = torch.exp(prediction[0, 6:].float()) * std_t**2
+                intrinsic = variance if intrinsic is None else intrinsic.add_(variance)
+            if mean is None:
+                mean, m2 = sample, torch.zeros_like(sample)
+            else:  # Welford: running mean and sum of squared deviations of the samples' means
+                delta = sample - mean
+                mean.add_(delta / (k + 1))
+                m2.add_(delta * (sample - mean))
+        brain_hr = torch.from_numpy(repeat_blocks(brain_lr, self.upscale_factor))
+        mean.mul_(brain_hr)
+        std = None
+        if intrinsic is not None or self.mc_samples > 1:
+            total = m2 / self.mc_samples
+            if intrinsic is not None:
+                total.add_(intrinsic / self.mc_samples)
+            std = np.moveaxis(total.sqrt_().mul_(brain_hr).numpy(), 0, -1)
+        return np.moveaxis(mean.numpy(), 0, -1), std
+
 
 def _brain_or_nonzero(dt_lr: np.ndarray, brain_lr: np.ndarray | None) -> np.ndarray:
     if brain_lr is None:
@@ -393,6 +455,8 @@ def make_inferer(
     sw_batch_size: int = 1,
     device: torch.device | str | None = None,
     inference_mode: str = "whole_volume",
+    mc_samples: int = 1,
+    seed: int = 0,
 ) -> WholeBrainInferer:
     """The bundle's volume inferer: weights and statistics loaded as one unit (``weights``)."""
     from monai_iqt.weights import load_model
@@ -405,4 +469,6 @@ def make_inferer(
         upscale_factor=int(stats.extra.get("upscale_factor", 2)),
         device=device,
         inferer=HaloExactInferer(roi_size, sw_batch_size, inference_mode=inference_mode),
+        mc_samples=mc_samples,
+        seed=seed,
     )

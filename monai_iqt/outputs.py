@@ -1,7 +1,8 @@
 """What inference writes, and where it refuses to write.
 
 Per subject: ``dt_hr.nii.gz`` (rX, rY, rZ, 6 float32 mm^2/s, zero outside the brain),
-``mask_hr.nii.gz`` (the HR brain mask used), ``md``, ``fa``, ``colour_fa`` and, last,
+``mask_hr.nii.gz`` (the HR brain mask used), ``md``, ``fa``, ``colour_fa``; for models with an
+uncertainty, ``dt_hr_std`` (6 channels), ``md_std`` and ``fa_std``; and, last,
 ``inference.json``, the record that says these files were written by this tool.
 
 Safety rules: an output folder that holds preprocessed subjects, or the input's own folder, is
@@ -38,6 +39,9 @@ OUTPUT_NAMES = {
     "md": "md.nii.gz",
     "fa": "fa.nii.gz",
     "colour_fa": "colour_fa.nii.gz",
+    "dt_hr_std": "dt_hr_std.nii.gz",
+    "md_std": "md_std.nii.gz",
+    "fa_std": "fa_std.nii.gz",
 }
 RECORD_NAME = "inference.json"
 #: The record's ``tool`` field: files listed in such a record may be replaced by a new run.
@@ -168,6 +172,33 @@ def slab_maps(dt: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
     return maps
 
 
+def sampled_map_std(
+    dt: np.ndarray, dt_std: np.ndarray, mask: np.ndarray, samples: int = 32, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Standard deviation of MD and FA over tensors drawn from the predictive Gaussian.
+
+    Each brain voxel's six elements are drawn independently from N(mean, std^2), ``samples``
+    times; MD and FA (eigenvalues clipped at 0, as DIPY does) of each draw; their std.
+    """
+    generator = np.random.default_rng(seed)
+    coordinates = np.nonzero(mask)
+    md_std = np.zeros(dt.shape[:3], np.float32)
+    fa_std = np.zeros(dt.shape[:3], np.float32)
+    step = max(1, CHUNK_VOXELS // (4 * samples))
+    for start in range(0, coordinates[0].size, step):
+        chunk = tuple(axis[start : start + step] for axis in coordinates)
+        mean, std = dt[chunk].astype(np.float64), dt_std[chunk].astype(np.float64)
+        draws = mean + std * generator.standard_normal((samples, *mean.shape))
+        evals = np.clip(np.linalg.eigvalsh(from_lower_triangular(draws)), 0, None)
+        md = evals.mean(axis=-1)
+        norm = np.sqrt((evals**2).sum(axis=-1))
+        deviation = np.sqrt(((evals - md[..., None]) ** 2).sum(axis=-1))
+        fa = np.sqrt(1.5) * np.divide(deviation, norm, out=np.zeros_like(norm), where=norm > 0)
+        md_std[chunk] = md.std(axis=0)
+        fa_std[chunk] = fa.std(axis=0)
+    return {"md_std": md_std, "fa_std": fa_std}
+
+
 def _nifti(data: np.ndarray, affine: np.ndarray, dtype) -> nib.Nifti1Image:
     array = np.asarray(data).astype(dtype, copy=False)
     image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
@@ -211,7 +242,11 @@ def write_outputs(
     for role, temporary in temporaries.items():
         paths[role] = output_dir / OUTPUT_NAMES[role]
         os.replace(temporary, paths[role])
-    write_json(output_dir / RECORD_NAME, record)
+    for role, name in OUTPUT_NAMES.items():  # an earlier run's files this run does not write
+        if role not in images and name not in foreign_outputs(output_dir, {role: name}):
+            (output_dir / name).unlink(missing_ok=True)
+    written = {role: OUTPUT_NAMES[role] for role in images}
+    write_json(output_dir / RECORD_NAME, {**record, "outputs": written})
     return paths
 
 
@@ -232,6 +267,7 @@ class PredictionWriter:
         mask_hr: np.ndarray,
         hr_affine: np.ndarray,
         provenance: dict[str, Any],
+        dt_std: np.ndarray | None = None,
     ) -> dict[str, Path]:
         mask_hr = np.asarray(mask_hr, dtype=bool)
         dt_hr = np.asarray(dt_hr, dtype=np.float32)  # modified in place (no full-size copies)
@@ -243,10 +279,15 @@ class PredictionWriter:
             "mask_hr": _nifti(mask_hr, hr_affine, np.uint8),
             **{key: _nifti(maps[key], hr_affine, np.float32) for key in ("md", "fa", "colour_fa")},
         }
+        if dt_std is not None:
+            dt_std = np.asarray(dt_std, dtype=np.float32)
+            dt_std[~mask_hr] = 0
+            images["dt_hr_std"] = _nifti(dt_std, hr_affine, np.float32)
+            for key, value in sampled_map_std(dt_hr, dt_std, mask_hr).items():
+                images[key] = _nifti(value, hr_affine, np.float32)
         record = {
             "tool": TOOL,
             "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "outputs": dict(OUTPUT_NAMES),
             "repair_tensors": self.repair_tensors,
             **provenance,
         }

@@ -18,7 +18,7 @@ from monai_iqt.bundle import inference, run_inference
 from monai_iqt.data.normalise import NormalisationStats
 from monai_iqt.inferers import WholeBrainInferer, plan_windows
 from monai_iqt.inputs import inference_region, load_input
-from monai_iqt.networks import ESPCN_RN
+from monai_iqt.networks import ESPCN_RN, fixed_dropout_masks
 from monai_iqt.weights import load_model
 from preprocessing.io import InputError, save_nifti
 from preprocessing.synthetic import write_synthetic_subject
@@ -408,3 +408,75 @@ def test_patch_stitching_for_espcn_rn2_is_the_network_on_each_11_cube():
         by_hand = stats.denormalise_output(network.eval()(padded[:, :, :11, :11, :11]))
     by_hand = np.moveaxis(by_hand[0].numpy(), 0, -1)  # the 7^3 LR (14^3 HR) outputs of the cube
     assert relative_max_error(patches[:14, :14, :14], by_hand) < 1e-5
+
+
+# ------------------------------------------------------------------------- uncertainty
+
+
+def test_predictive_std_is_exact_in_windows_and_combines_both_uncertainties():
+    """ESPCN-RN1 with a variance head and dropout, 3 MC samples: windows give the whole-volume
+    mean and std; the std is sqrt(mean intrinsic variance + variance of the samples' means)."""
+    torch.manual_seed(8)
+    network = ESPCN_RN(1, predict_variance=True, dropout_rate=0.3)
+    randomise_batch_norm(network, seed=8)
+    stats = NormalisationStats(MEAN, STD, MEAN, STD)
+    dt = random_tensors((26, 21, 21), seed=9)
+    inferer = WholeBrainInferer(network, stats, 2, 24, 2, "cpu", mc_samples=3, seed=4)
+
+    mean, std = inferer.predict_with_std(dt)
+    whole_mean, whole_std = inferer.predict_with_std(dt, whole_volume=True)
+
+    assert inferer.last_counts.windows_computed >= 8
+    assert relative_max_error(mean, whole_mean) < 1e-5
+    assert relative_max_error(std, whole_std) < 1e-5
+    # by hand, on the whole volume: three fixed-mask samples of the network
+    padded = inferer._padded_input(dt)
+    std_mm = torch.tensor(STD).view(1, 6, 1, 1, 1)
+    means, variances = [], []
+    with torch.no_grad():
+        for k in range(3):
+            with fixed_dropout_masks(network, 4 + k):
+                prediction = network(padded)
+            means.append(stats.denormalise_output(prediction[:, :6]))
+            variances.append(torch.exp(prediction[:, 6:]) * std_mm**2)
+    expected = torch.sqrt(torch.stack(variances).mean(0) + torch.stack(means).var(0, False))
+    expected = np.moveaxis(expected[0].numpy(), 0, -1)
+    assert relative_max_error(whole_std, expected) < 1e-4
+    expected_mean = np.moveaxis(torch.stack(means).mean(0)[0].numpy(), 0, -1)
+    assert relative_max_error(whole_mean, expected_mean) < 1e-5
+    assert float(torch.stack(means).var(0).max()) > 0  # the dropout samples differ
+
+
+def test_uncertainty_outputs_and_settings(tmp_path):
+    variance_models = write_tiny_models(
+        tmp_path / "variance", predict_variance=True, dropout_rate=0.2
+    )
+    plain_models = write_tiny_models(tmp_path / "plain")
+    dt = random_tensors((9, 9, 9), seed=10)
+    save_nifti(tmp_path / "dt.nii.gz", dt, np.diag([2.5, 2.5, 2.5, 1.0]))
+    written = run_inference(
+        tmp_path / "dt.nii.gz", tmp_path / "out", *variance_models, device="cpu", mc_samples=2
+    )["dt"]
+    std = np.asarray(nib.load(written["dt_hr_std"]).dataobj)
+    assert std.shape == (18, 18, 18, 6) and np.all(std > 0)
+    for key in ("md_std", "fa_std"):
+        values = np.asarray(nib.load(written[key]).dataobj)
+        assert values.shape == (18, 18, 18) and np.all(np.isfinite(values)) and values.max() > 0
+    # a later run without uncertainty removes the earlier run's std files (its own)
+    run_inference(tmp_path / "dt.nii.gz", tmp_path / "out", *plain_models, device="cpu")
+    assert not (tmp_path / "out" / "dt_hr_std.nii.gz").exists()
+
+    cases = {
+        "mc_samples 0": ({"mc_samples": 0}, plain_models, "mc_samples 0 must be an integer"),
+        "variance asked": (
+            {"predict_variance": True},
+            plain_models,
+            "records predict_variance false",
+        ),
+        "no dropout": ({"mc_samples": 4}, plain_models, "records dropout_rate 0"),
+    }
+    for name, (settings, models, expected) in cases.items():
+        with pytest.raises(InputError) as raised:
+            run_inference(tmp_path / "dt.nii.gz", tmp_path / name, *models, **settings)
+        assert expected in str(raised.value) and "\n" not in str(raised.value), name
+        assert not (tmp_path / name).exists()

@@ -32,13 +32,18 @@ def randomise_batch_norm(network: torch.nn.Module, seed: int = 0) -> None:
 
 
 def write_tiny_models(
-    folder: Path, num_blocks: int = 0, seed: int = 0, **extra
+    folder: Path,
+    num_blocks: int = 0,
+    seed: int = 0,
+    predict_variance: bool = False,
+    dropout_rate: float = 0.0,
+    **extra,
 ) -> tuple[Path, Path]:
     """``folder/model.pt`` and ``folder/normalisation.json`` (a valid pair: the statistics record
     the weights' sha256) for an untrained ESPCN_RN."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    network = ESPCN_RN(num_blocks)
+    network = ESPCN_RN(num_blocks, predict_variance=predict_variance, dropout_rate=dropout_rate)
     randomise_batch_norm(network, seed)
     model_path = folder / "model.pt"
     torch.save(network.state_dict(), model_path)
@@ -54,6 +59,8 @@ def write_tiny_models(
             "lr_voxel_size_mm": [2.5, 2.5, 2.5],
             "weights_sha256": file_sha256(model_path),
             "trained_on": "unknown",
+            "predict_variance": predict_variance,
+            "dropout_rate": dropout_rate,
             **extra,
         },
     )
