@@ -74,10 +74,10 @@ def test_memory_efficient_trains_a_step_under_bfloat16_autocast() -> None:
 def test_gradient_error_at_most_1p5_plain_autograd_under_autocast(training: bool) -> None:
     """Against a float32 plain-autograd reference of the same weights and batch.
 
-    Measured: 2.1 % for both modes in train mode, 0.44 % in eval mode (non-trivial running
-    statistics). In eval mode, which is well conditioned, the engine must also agree with plain
-    autograd under autocast far better than a float32 rebuild would (measured 3e-4, against
-    2.3e-3 when backward ignores the autocast state).
+    Measured: 6.7 % (plain) and 6.8 % (memory-efficient) in train mode, 1.42 % and 1.45 % in eval
+    mode (non-trivial running statistics). Eval mode is well conditioned: there a backward that
+    ignored the autocast state (float32 rebuild of bfloat16 activations) measured 3.9 % (2.8x
+    plain), and it agreed with plain autograd under autocast to 4e-2, against 2.4e-3 here.
     """
     networks = _networks()
     for net in networks.values():
@@ -92,7 +92,7 @@ def test_gradient_error_at_most_1p5_plain_autograd_under_autocast(training: bool
     assert errors["plain"] > 0
     assert errors["efficient"] <= 1.5 * errors["plain"], errors
     if not training:
-        assert _relative(efficient, plain) <= 1e-3, _relative(efficient, plain)
+        assert _relative(efficient, plain) <= 1e-2, _relative(efficient, plain)
 
 
 def test_backward_rebuilds_in_the_forward_autocast_dtype() -> None:

@@ -35,6 +35,13 @@ from monai_iqt.networks.espcn import (
     VALID_SHRINK,
     check_network_input,
 )
+from monai_iqt.networks.initialisation import he_initialise
+
+#: Residual-stream dtype of the input stack (6 channels, 3 per half). With He-initialised
+#: blocks a float32 stream there makes the inverse drift (memory-efficient gradient error 2.6x
+#: plain autograd's at N=16, batch 4); float64 sums of the float32 F and G outputs are exact,
+#: which brings it to 1.0x, for 6 x 8 bytes per LR voxel and batch element.
+INPUT_STACK_STREAM_DTYPE = torch.float64
 
 
 def receptive_halo(num_blocks: int) -> int:
@@ -143,6 +150,11 @@ class ESPCN_RN(ESPCN):  # noqa: N801 - the paper's name
     and an input or parameter requires grad), in train and in eval mode; inference under
     ``torch.no_grad()`` takes the plain path. ``loss.backward()`` works unchanged.
 
+    Precision: the input stack's residual stream is float64 (:data:`INPUT_STACK_STREAM_DTYPE`;
+    its F and G still compute in float32), which keeps the memory-efficient gradients as
+    accurate as plain autograd's at depth; the other stacks' streams have the parameters' dtype
+    (float32 also under autocast, see :mod:`monai_iqt.engine.reversible`).
+
     Receptive field: an output voxel depends on :attr:`halo` = 2 + 6 N LR voxels on each side
     (the blocks' 3^3 convolutions are zero-padded); the output LR grid is
     :attr:`valid_shrink` = 2 voxels smaller on each side than the input.
@@ -154,12 +166,9 @@ class ESPCN_RN(ESPCN):  # noqa: N801 - the paper's name
         upscale_factor: r (>= 1).
         predict_variance: also output a bounded per-voxel log-variance.
         dropout_rate: channel-wise 3D dropout rate in [0, 1); 0 adds no dropout layer.
-        init: initialisation of the ESPCN's convolutions: "he" (the paper's: He-normal fan_in
-            weights, zero biases), "icnr" (He, with ICNR for the sub-pixel ``conv3``) or
-            "default" (PyTorch's); see :class:`ESPCN`. The reversible blocks keep PyTorch's
-            initialisation whatever ``init`` says: He-initialised blocks make the inverse of the
-            6-channel input stack drift in float32 (measured at N=16, batch 4: memory-efficient
-            gradient error 2.6x plain autograd's, against 1.0x with PyTorch's init).
+        init: "he" (the paper's: He-normal fan_in weights of every convolution, the blocks'
+            included, zero biases; BatchNorm weight 1, bias 0), "icnr" (He, with ICNR for the
+            sub-pixel heads) or "default" (PyTorch's); see :class:`ESPCN`.
     """
 
     def __init__(
@@ -195,6 +204,8 @@ class ESPCN_RN(ESPCN):  # noqa: N801 - the paper's name
             )
             for width in widths
         )
+        if init != "default":
+            he_initialise(self.stacks)
 
     @property
     def halo(self) -> int:
@@ -211,9 +222,12 @@ class ESPCN_RN(ESPCN):  # noqa: N801 - the paper's name
         """
         convs = (None, self.conv1, self.conv2)
         dropouts = (None, self.dropout1, self.dropout2)
+        streams = (INPUT_STACK_STREAM_DTYPE if self.num_blocks else None, None, None)
         return tuple(
-            ReversibleSegment(conv, stack, dropout)
-            for conv, stack, dropout in zip(convs, self.stacks, dropouts, strict=True)
+            ReversibleSegment(conv, stack, dropout, stream)
+            for conv, stack, dropout, stream in zip(
+                convs, self.stacks, dropouts, streams, strict=True
+            )
         )
 
     def _records_autograd(self, x: torch.Tensor) -> bool:
