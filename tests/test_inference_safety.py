@@ -257,3 +257,25 @@ def test_full_disk_writes_all_outputs_or_none_in_a_fresh_process(tmp_path, model
     assert len(errors) == 1 and "could not write the outputs" in errors[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert {p.name: digest(p) for p in out.iterdir()} == before  # no temporaries left either
+
+
+@pytest.mark.slow
+def test_bad_settings_on_the_command_line_are_one_sentence(tmp_path, models):
+    """Settings are checked in the config's ``initialize`` step (the others as these two)."""
+    dt, _ = brain_tensors()
+    save_nifti(tmp_path / "scan.nii.gz", dt, AFFINE)
+    for setting, value, expected in (
+        ("--inference_mode", "tiles", "inference_mode 'tiles' is not one of"),
+        ("--repair_tensors", "maybe", "expected true or false"),
+    ):
+        command = [
+            sys.executable, "-m", "monai.bundle", "run", "--config_file", str(INFERENCE_CONFIG),
+            "--input", str(tmp_path / "scan.nii.gz"), "--output_dir", str(tmp_path / "out"),
+            "--model_path", str(models[0]), "--normalisation_path", str(models[1]),
+            setting, value,
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        assert done.returncode == 2 and len(errors) == 1, (setting, done.stderr[-2000:])
+        assert expected in errors[0] and "Traceback" not in done.stderr, errors[0]
+    assert not (tmp_path / "out").exists()
