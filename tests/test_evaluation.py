@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from scipy import stats
 from test_metrics import cubic_bspline_by_hand, trilinear_by_hand
 from tiny_bundle import write_tiny_models
 
@@ -369,3 +370,35 @@ def test_importing_figures_leaves_the_matplotlib_backend_alone():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_bundle_evaluation_of_a_model_that_predicts_its_uncertainty(hand_dataset, tmp_path, capsys):
+    """An (untrained) ESPCN with a variance head and dropout, 3 MC samples: the uncertainty
+    columns equal coverage and rank correlation recomputed by hand from the inferer's output."""
+    from monai_iqt.inferers import make_inferer
+
+    root, subjects = hand_dataset
+    model_path, normalisation_path = write_tiny_models(
+        tmp_path / "models", predict_variance=True, dropout_rate=0.2, training_subjects=["hand0"]
+    )
+    result = bundle_evaluate(
+        dataset_dir=root, output_dir=tmp_path / "eval", model_path=model_path,
+        normalisation_path=normalisation_path, device="cpu", methods=["cubic"],
+        inferer_options={"mc_samples": 3},
+    )  # fmt: skip
+    assert "| Model | Coverage 1σ | Coverage 2σ | Spearman σ vs error |" in capsys.readouterr().out
+    inferer = make_inferer(model_path, normalisation_path, device="cpu", mc_samples=3)
+    for name in ("hand1", "hand2"):
+        data = subjects[name]
+        region = data["mask_hr"].reshape(8, 2, 7, 2, 9, 2).any(axis=(1, 3, 5))
+        mean, std = inferer.predict_with_std(data["dt_lr"], region)
+        brain = data["mask_hr"]
+        error = np.abs(mean.astype(np.float64) - data["dt_hr"])[brain]
+        sigma = std.astype(np.float64)[brain]
+        row = next(r for r in result.rows if r["subject"] == name and r["model"] == "ESPCN")
+        assert row["coverage_1sigma"] == pytest.approx(np.mean(error <= sigma), abs=1e-12)
+        assert row["coverage_2sigma"] == pytest.approx(np.mean(error <= 2 * sigma), abs=1e-12)
+        by_voxel = stats.spearmanr(np.sqrt((sigma**2).mean(-1)), np.sqrt((error**2).mean(-1)))
+        assert row["spearman_sigma_error"] == pytest.approx(by_voxel.statistic, abs=1e-9)
+    for figure in ("reliability.png", "uncertainty_axial.png"):
+        assert (tmp_path / "eval" / figure).stat().st_size > 1000
