@@ -362,7 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     _print_table("Fig. 6: ESPCN vs ESPCN-RN4 (memory-efficient) vs ESPCN-RN4-Naive", fig6, device)
     espcn, rn4, naive = fig6
     width, spatial = HIDDEN_CHANNELS[1], PATCH - 2
-    kept = _activation_mb(3, PATCH) + _activation_mb(25 + 50, spatial) + _activation_mb(6, PATCH)
+    # A0, and the second-block halves (the input stack's in float64, its stream dtype)
+    kept = (
+        2 * _activation_mb(3, PATCH) + _activation_mb(25 + 50, spatial) + _activation_mb(6, PATCH)
+    )
     print(
         f"ESPCN-RN4 - ESPCN peak saved: {rn4.saved_peak_mb - espcn.saved_peak_mb:.1f} MB. "
         f"Analytic: one {width}-channel block's rebuilt graph (F+G) "
