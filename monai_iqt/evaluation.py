@@ -26,7 +26,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from monai_iqt import figures
-from monai_iqt.bundle import as_bool, exit_on_bad_input
+from monai_iqt.bundle import as_bool, check_inference_settings, exit_on_bad_input
 from monai_iqt.data.subjects import Subject, inspect_subject, load_subject
 from monai_iqt.inferers import DEFAULT_ROI_SIZE, make_inferer
 from monai_iqt.maps import tensor_maps
@@ -533,13 +533,19 @@ def bundle_evaluate(
     models: dict[str, Model] = {}
     if not as_bool(baselines_only) and (inferer is not None or model_path is not None):
         if inferer is None:
-            inferer = make_inferer(
-                model_path,
-                normalisation_path,
+            options = dict(inferer_options or {})
+            # the inference entry's own checks; evaluation reads DIPY-ordered dt_lr, no repair
+            check_inference_settings(
+                options.get("inference_mode", "whole_volume"),
                 roi_size,
                 sw_batch_size,
-                device,
-                **dict(inferer_options or {}),
+                tensor_order="dipy",
+                repair_tensors=False,
+                mc_samples=options.get("mc_samples", 1),
+                normalisation_path=normalisation_path,
+            )
+            inferer = make_inferer(
+                model_path, normalisation_path, roi_size, sw_batch_size, device, **options
             )
         depth = model_facts(inferer)["depth"]
         models[model_label(depth or 0)] = inferer

@@ -402,3 +402,26 @@ def test_bundle_evaluation_of_a_model_that_predicts_its_uncertainty(hand_dataset
         assert row["spearman_sigma_error"] == pytest.approx(by_voxel.statistic, abs=1e-9)
     for figure in ("reliability.png", "uncertainty_axial.png"):
         assert (tmp_path / "eval" / figure).stat().st_size > 1000
+
+
+def test_inference_settings_reach_the_evaluated_inferer(hand_dataset, tmp_path):
+    """``--inference_mode`` and ``--mc_samples`` reach the inferer, checked as inference checks
+    them: a bad value is one sentence, exit 2, and nothing written."""
+    root, _ = hand_dataset
+    model_path, normalisation_path = write_tiny_models(tmp_path / "models")
+    out = tmp_path / "eval"
+    for setting, value, sentence in (
+        ("--inference_mode", "bogus", "inference_mode 'bogus' is not one of"),
+        ("--mc_samples", "0", "mc_samples 0 must be an integer >= 1"),
+        ("--mc_samples", "2", "mc_samples 2 needs weights trained with dropout"),
+    ):
+        command = [
+            sys.executable, "-m", "monai.bundle", "run", "--config_file", str(EVALUATE_CONFIG),
+            "--dataset_dir", str(root), "--output_dir", str(out), "--model_path", str(model_path),
+            "--normalisation_path", str(normalisation_path), "--device", "cpu", setting, value,
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert done.returncode == 2, done.stderr[-3000:]
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and sentence in errors[0], done.stderr[-3000:]
+        assert "Traceback" not in done.stderr and not out.exists()
