@@ -39,7 +39,11 @@ def test_torchrun_two_ranks_end_identical_and_only_rank0_writes(
         "--patches_per_subject", "15", "--num_revnet_blocks", "1", "--batch_size", "2",
         "--epochs", "2", "--num_restarts", "1", "--learning_rate", "0.001",
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    workdir = tmp_path / "workdir"  # nothing may be written where the command runs
+    workdir.mkdir()
+    result = subprocess.run(
+        command, cwd=workdir, env=ENV, capture_output=True, text=True, timeout=600
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
 
@@ -83,3 +87,4 @@ def test_torchrun_two_ranks_end_identical_and_only_rank0_writes(
         "runs/settings.json",
     ]
     assert "rank 1 of 2 on cpu (gloo)" in output
+    assert list(workdir.iterdir()) == [], "a rank wrote in the working folder (TensorBoard runs/?)"

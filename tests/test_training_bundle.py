@@ -126,7 +126,7 @@ def test_training_writes_tensorboard_runs_and_a_loadable_best_model(
     model_bytes = (reference / "models" / "model.pt").read_bytes()
     assert extra["weights_sha256"] == hashlib.sha256(model_bytes).hexdigest()
     assert extra["training_subjects"] == ["synth000", "synth001", "synth002"]
-    assert extra["trained_on"] == "unknown"  # the fixture's records do not say
+    assert extra["trained_on"] == "synthetic-geometric"  # the fixture's raw data has ground_truth
     assert extra["predict_variance"] is False and extra["dropout_rate"] == 0.0
     assert extra["settings"]["num_revnet_blocks"] == 2 and extra["settings"]["seed"] == 0
     assert [name for name, _ in extra["settings"]["subjects"]] == extra["training_subjects"]
@@ -251,3 +251,38 @@ def test_best_run_is_the_lowest_validation_rmse(reference: Path) -> None:
         assert record["best_val_rmse"] == min(scores)
         assert record["best_epoch"] == 1 + scores.index(min(scores))
         assert all(math.isfinite(s) for s in scores)
+
+
+def test_variance_model_trains_with_gaussian_nll_and_validates_on_the_mean(
+    preprocessed_root: Path, tmp_path: Path
+) -> None:
+    result = run_training(
+        preprocessed_root,
+        tmp_path,
+        num_revnet_blocks=1,
+        epochs=1,
+        num_restarts=1,
+        predict_variance=True,
+        loss="gaussian_nll",
+        dropout_rate=0.1,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = load_runs(tmp_path)["runs"][0]
+    extra = NormalisationStats.load(tmp_path / "models" / "normalisation.json").extra
+    assert extra["predict_variance"] is True and extra["dropout_rate"] == 0.1
+    assert extra["loss"] == "gaussian_nll" and extra["settings"]["loss"] == "gaussian_nll"
+    model = load_state(tmp_path / "models" / "model.pt")
+    network = ESPCN_RN(num_blocks=1, predict_variance=True, dropout_rate=0.1)
+    network.load_state_dict(model)
+    network.eval()  # no dropout: what the evaluator scored
+
+    # Oracle: the mean channels (the first 6 of 12) scored on the rebuilt validation patches.
+    data = build_patch_data(preprocessed_root, patches_per_subject=10, seed=0)
+    images = torch.stack([data.val_dataset[i]["image"] for i in range(len(data.val_dataset))])
+    labels = torch.stack([data.val_dataset[i]["label"] for i in range(len(data.val_dataset))])
+    with torch.no_grad():
+        prediction = network(images)
+    assert prediction.shape[1] == 12
+    mean = prediction[:, :6].double()
+    rmse = torch.sqrt(torch.mean((mean - labels.double()) ** 2)).item()
+    assert rmse == pytest.approx(record["best_val_rmse"], rel=1e-5)

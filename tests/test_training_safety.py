@@ -102,6 +102,7 @@ BAD_SETTINGS = [
     ("memory_efficient", "maybe", "setting memory_efficient must be true or false, got 'maybe'."),
     ("loss", "mse", "setting loss must be one of rmse, gaussian_nll, got 'mse'."),
     ("loss", "gaussian_nll", "setting loss gaussian_nll trains a predicted variance: give "),
+    ("amp", "true", "setting amp is true but no GPU is available: MONAI's trainer autocasts"),
     ("dataset_dir", None, "setting dataset_dir is not set: give --dataset_dir DIR"),
     ("subjects", "../synth000", "subject id '../synth000' is not a plain folder name"),
     ("subjects", ["synth000", "synth000"], "subject synth000 is listed more than once."),
@@ -266,3 +267,27 @@ def test_ctrl_c_says_where_training_stopped_and_resume_finishes(
     assert record["resumed_from"] == str(last)
     assert [e["epoch"] for e in record["history"]] == [1, 2, 3, 4]
     assert (output_dir / "models" / "model.pt").is_file()
+
+
+def test_trained_on_comes_from_the_subjects_records_and_raw_folders(
+    preprocessed_root: Path, tmp_path: Path
+) -> None:
+    from monai_iqt.training.settings import data_source, trained_on
+
+    subject = tmp_path / "dataset" / "s1"
+    shutil.copytree(preprocessed_root / "synth000", subject)
+    assert data_source(subject) == "synthetic-geometric"  # the fixture's raw ground_truth/
+
+    record_path = subject / "preprocessing.json"
+    record = json.loads(record_path.read_text())
+    raw = tmp_path / "raw" / "s1"
+    record["inputs"]["data"] = str(raw / "T1w" / "Diffusion" / "data.nii.gz")
+    record_path.write_text(json.dumps(record))
+    assert data_source(subject) == "unknown"  # raw folder gone: not guessed
+    (raw / "ground_truth").mkdir(parents=True)
+    (raw / "ground_truth" / "phantom.json").write_text(json.dumps({"anatomy": "mni152"}))
+    assert data_source(subject) == "synthetic-mni152"
+    record_path.write_text(json.dumps({**record, "source": "hcp"}))
+    assert data_source(subject) == "hcp"
+    # Subjects of different sources: the model's source is unknown.
+    assert trained_on([subject, preprocessed_root / "synth000"]) == "unknown"

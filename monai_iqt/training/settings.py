@@ -8,6 +8,17 @@ settings and the subjects' ``preprocessing.json`` records alone. A bad value is 
 naming the setting (``InputError``). ``runs/settings.json`` records what the runs were trained
 with (subjects with the sha256 of their preprocessing records, depth, factor, patches, seed,
 loss, ...); a resume whose settings differ is refused, naming the first difference.
+
+``amp`` (default false) turns on the automatic mixed precision of MONAI's trainer and evaluator:
+``torch.autocast("cuda")`` (float16) with a gradient scaler. It is a GPU setting: MONAI does not
+autocast on the CPU, and CPU bfloat16 autocast is slower than float32 for these 3D
+convolutions, so ``amp`` true without a GPU is refused rather than silently ignored. The
+memory-efficient reversible engine restores the forward's autocast state when it rebuilds
+activations, so both execution modes train under AMP.
+
+``loss`` "gaussian_nll" trains the log-variance head, so it needs ``predict_variance`` true; the
+combination is refused rather than implied, so the network the settings describe is the network
+trained.
 """
 
 from __future__ import annotations
@@ -19,6 +30,8 @@ import numbers
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from monai_iqt.bundle import as_bool
 from monai_iqt.networks.espcn import VALID_SHRINK
@@ -94,6 +107,11 @@ def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
             "setting loss gaussian_nll trains a predicted variance: give --predict_variance true "
             "with it (or --loss rmse)."
         )
+    if checked.get("amp") and not torch.cuda.is_available():
+        raise InputError(
+            "setting amp is true but no GPU is available: MONAI's trainer autocasts on CUDA "
+            "only; give --amp false to train on the CPU."
+        )
     if checked["resume"] and checked["overwrite"]:
         raise InputError(
             "settings resume and overwrite are both true: give --resume true to continue the "
@@ -142,10 +160,39 @@ def settings_record(checked: Mapping[str, Any], folders: list[Path]) -> dict[str
 
 
 def trained_on(folders: list[Path]) -> str:
-    """What the subjects were made from, from their preprocessing records (``source``)."""
-    sources = {read_record(folder).get("source", "unknown") for folder in folders}
-    source = sources.pop() if len(sources) == 1 else "unknown"
-    return source if source in DATA_SOURCES else "unknown"
+    """What the subjects were made from (one of :data:`DATA_SOURCES`): "unknown" unless every
+    subject tells the same (see :func:`data_source`)."""
+    sources = {data_source(folder) for folder in folders}
+    return sources.pop() if len(sources) == 1 else "unknown"
+
+
+def data_source(subject_dir: Path) -> str:
+    """Where a preprocessed subject's raw data came from.
+
+    A ``source`` in its ``preprocessing.json`` if one is recorded; else the raw subject folder
+    the record names (``<raw>/<id>/T1w/Diffusion/data.nii.gz``) is looked at: the project's
+    generators write ``ground_truth/`` beside ``T1w/`` (``phantom.json`` names the anatomy of
+    the MNI152 phantoms; the geometric phantom writes only ``dt_hr.nii.gz``). Anything else,
+    including raw data that has moved, is "unknown": real scans are not guessed.
+    """
+    record = read_record(subject_dir)
+    if record.get("source") in DATA_SOURCES:
+        return record["source"]
+    data = (record.get("inputs") or {}).get("data")
+    parents = Path(str(data)).parents if data else []
+    if len(parents) < 3:
+        return "unknown"
+    truth = parents[2] / "ground_truth"
+    try:
+        if (truth / "phantom.json").is_file():
+            anatomy = json.loads((truth / "phantom.json").read_text()).get("anatomy")
+            source = f"synthetic-{anatomy}"
+            return source if source in DATA_SOURCES else "unknown"
+        if (truth / "dt_hr.nii.gz").is_file():
+            return "synthetic-geometric"
+    except (OSError, ValueError, AttributeError):
+        pass
+    return "unknown"
 
 
 def existing_runs(runs_dir: Path) -> list[Path]:
