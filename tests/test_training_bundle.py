@@ -11,24 +11,21 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import training_commands
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from training_commands import ENV, REPO
 
 from monai_iqt.data import NormalisationStats, build_patch_data
 from monai_iqt.networks import ESPCN_RN
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN_CONFIG = REPO / "bundles" / "iqt_espcn_rn" / "configs" / "train.json"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 SETTINGS = {
     "patches_per_subject": 10,
     "num_revnet_blocks": 2,
@@ -43,29 +40,11 @@ pytestmark = pytest.mark.slow
 
 
 def training_command(dataset_dir: Path, output_dir: Path, **overrides) -> list[str]:
-    settings = {**SETTINGS, **overrides, "dataset_dir": dataset_dir, "output_dir": output_dir}
-    command = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        str(TRAIN_CONFIG),
-    ]
-    for key, value in settings.items():
-        command += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
-    return command
+    return training_commands.training_command(dataset_dir, output_dir, **{**SETTINGS, **overrides})
 
 
 def run_training(dataset_dir: Path, output_dir: Path, **overrides) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        training_command(dataset_dir, output_dir, **overrides),
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return training_commands.run_training(dataset_dir, output_dir, **{**SETTINGS, **overrides})
 
 
 def load_runs(output_dir: Path) -> dict:

@@ -8,22 +8,18 @@ code 2, no traceback, and the files of earlier runs byte for byte as they were.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from training_commands import ENV, REPO, TRAIN_CONFIG, run_training, training_command
 
 from monai_iqt.training import check_settings
 from preprocessing.io import InputError
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN_CONFIG = REPO / "bundles" / "iqt_espcn_rn" / "configs" / "train.json"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 #: ESPCN (no reversible blocks), 1 run of 1 epoch on 3 x 10 patches: seconds.
 QUICK = {
     "patches_per_subject": 10,
@@ -36,23 +32,11 @@ QUICK = {
 
 
 def command(dataset_dir: Path, output_dir: Path, **settings) -> list[str]:
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(TRAIN_CONFIG)]
-    values = {**QUICK, "dataset_dir": dataset_dir, "output_dir": output_dir, **settings}
-    for key, value in values.items():
-        if value is not None:
-            args += [f"--{key}", str(value)]
-    return args
+    return training_command(dataset_dir, output_dir, **{**QUICK, **settings})
 
 
 def train(dataset_dir: Path, output_dir: Path, **settings) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        command(dataset_dir, output_dir, **settings),
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_training(dataset_dir, output_dir, **{**QUICK, **settings})
 
 
 def refusal(result: subprocess.CompletedProcess) -> str:
@@ -291,3 +275,16 @@ def test_trained_on_comes_from_the_subjects_records_and_raw_folders(
     assert data_source(subject) == "hcp"
     # Subjects of different sources: the model's source is unknown.
     assert trained_on([subject, preprocessed_root / "synth000"]) == "unknown"
+
+
+def test_an_output_folder_holding_preprocessed_subjects_is_refused(
+    preprocessed_root: Path,
+) -> None:
+    before = snapshot(preprocessed_root)
+    with pytest.raises(InputError) as raised:
+        check_settings(settings(preprocessed_root, preprocessed_root))
+    assert str(raised.value) == (
+        f"output_dir {preprocessed_root} holds preprocessed subjects; training writes runs/ and "
+        "models/ there: choose another --output_dir."
+    )
+    assert snapshot(preprocessed_root) == before
