@@ -528,6 +528,10 @@ def bundle_evaluate(
     ``baselines_only`` (or no model) evaluates the interpolation baselines only. Bad input
     prints one sentence and exits with code 2.
     """
+    if dataset_dir is None or str(dataset_dir) in ("", "None"):
+        raise InputError(
+            "setting dataset_dir is required: pass --dataset_dir DIR (preprocessed subjects)."
+        )
     subjects = kwargs.get("subjects")  # checked before loading the model
     find_subjects(dataset_dir, *((subjects, EVALUATION_FILES) if _named(subjects) else (None, ())))
     models: dict[str, Model] = {}

@@ -155,6 +155,14 @@ def test_bad_evaluation_input_is_one_sentence(hand_dataset, tmp_path, capsys):
     stderr = capsys.readouterr().err
     assert "does not exist" in stderr and "python -m preprocessing" in stderr
     assert not (tmp_path / "eval").exists()
+    with pytest.raises(SystemExit) as raised:
+        bundle_evaluate(
+            dataset_dir=None, output_dir=tmp_path / "eval", model_path=None,
+            normalisation_path=None,
+        )  # fmt: skip
+    assert raised.value.code == 2
+    assert "setting dataset_dir is required" in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()
 
 
 def test_bundle_evaluation_leaves_out_training_subjects(hand_dataset, tmp_path, capsys):
