@@ -1,6 +1,12 @@
 """Training losses: RMSE (the paper's) and the Gaussian negative log-likelihood of a network that
 also predicts a per-voxel log-variance (Tanno et al. 2017, heteroscedastic intrinsic uncertainty).
 
+``gaussian_nll`` trains mean and log-variance together; its residuals are weighted by
+``exp(-log_var)``, so the mean fits least where the error is largest (the brain's edge), which
+costs total RMSE. ``rmse_nll`` keeps the mean on the paper's RMSE and trains the log-variance by
+the likelihood of the detached mean's residual: the mean sees the RMSE objective, the variance
+learns how large that mean's error is.
+
 Predictions are (B, C, ...) means or (B, 2C, ...) [mean, log_var] (see
 :func:`monai_iqt.networks.split_mean_log_var`); targets are (B, C, ...), in normalised units.
 """
@@ -13,7 +19,7 @@ from torch import nn
 from monai_iqt.networks.espcn import split_mean_log_var
 from monai_iqt.training.handlers import RMSELoss
 
-LOSSES = ("rmse", "gaussian_nll")
+LOSSES = ("rmse", "gaussian_nll", "rmse_nll")
 
 
 def _mean_and_log_var(
@@ -59,10 +65,31 @@ class GaussianNLLLoss(nn.Module):
         return 0.5 * (log_var + (target - mean).square() * torch.exp(-log_var)).mean()
 
 
+class RMSEAndNLLLoss(nn.Module):
+    """RMSE of the mean plus the Gaussian NLL of the log-variance given the *detached* mean.
+
+    The mean's gradient is the RMSE's alone; the log-variance head learns the distribution of
+    the mean's residual (and shapes the shared trunk only through that head).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rmse = RMSELoss()
+        self.nll = GaussianNLLLoss()
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        mean, log_var = _mean_and_log_var(pred, target)
+        if log_var is None:
+            return self.nll(pred, target)  # the same one-sentence error
+        return self.rmse(mean, target) + self.nll(torch.cat((mean.detach(), log_var), 1), target)
+
+
 def build_loss(name: str) -> nn.Module:
-    """The training loss called ``name``: "rmse" or "gaussian_nll"."""
+    """The training loss called ``name``: "rmse", "gaussian_nll" or "rmse_nll"."""
     if name == "rmse":
         return MeanRMSELoss()
     if name == "gaussian_nll":
         return GaussianNLLLoss()
+    if name == "rmse_nll":
+        return RMSEAndNLLLoss()
     raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {name!r}")

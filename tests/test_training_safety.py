@@ -84,7 +84,7 @@ BAD_SETTINGS = [
     ("dropout_rate", 1.0, "setting dropout_rate must be a number in [0, 1), got 1.0."),
     ("lr_decay", float("nan"), "setting lr_decay must be a number in (0, inf), got nan."),
     ("memory_efficient", "maybe", "setting memory_efficient must be true or false, got 'maybe'."),
-    ("loss", "mse", "setting loss must be one of rmse, gaussian_nll, got 'mse'."),
+    ("loss", "mse", "setting loss must be one of rmse, gaussian_nll, rmse_nll, got 'mse'."),
     ("loss", "gaussian_nll", "setting loss gaussian_nll trains a predicted variance: give "),
     ("amp", "true", "setting amp is true but no GPU is available: MONAI's trainer autocasts"),
     ("dataset_dir", None, "setting dataset_dir is not set: give --dataset_dir DIR"),

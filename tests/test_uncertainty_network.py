@@ -186,6 +186,22 @@ def test_gaussian_nll_loss_against_torch_and_rmse_on_the_mean() -> None:
     torch.testing.assert_close(build_loss("rmse")(mean, target), rmse)
     with pytest.raises(ValueError, match="needs a prediction with 12 channels"):
         build_loss("gaussian_nll")(mean, target)
-    with pytest.raises(ValueError, match="loss must be one of rmse, gaussian_nll, got 'l1'"):
+    with pytest.raises(ValueError, match="loss must be one of rmse, gaussian_nll, rmse_nll, got 'l1'"):
         build_loss("l1")
     assert math.isclose(float(expected), float(GaussianNLLLoss()(pred, target)), rel_tol=1e-6)
+
+
+def test_rmse_nll_gives_the_mean_the_rmse_gradient_and_the_variance_the_nll_gradient() -> None:
+    torch.manual_seed(0)
+    mean = torch.randn(2, 6, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    log_var = torch.randn(2, 6, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, 6, 4, 4, 4, dtype=torch.float64)
+    build_loss("rmse_nll")(torch.cat((mean, log_var), 1), target).backward()
+    rmse_mean = mean.detach().clone().requires_grad_()
+    build_loss("rmse")(rmse_mean, target).backward()
+    nll_log_var = log_var.detach().clone().requires_grad_()
+    build_loss("gaussian_nll")(torch.cat((mean.detach(), nll_log_var), 1), target).backward()
+    torch.testing.assert_close(mean.grad, rmse_mean.grad)
+    torch.testing.assert_close(log_var.grad, nll_log_var.grad)
+    with pytest.raises(ValueError, match="needs a prediction with 12 channels"):
+        build_loss("rmse_nll")(mean, target)

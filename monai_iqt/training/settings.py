@@ -16,9 +16,9 @@ convolutions, so ``amp`` true without a GPU is refused rather than silently igno
 memory-efficient reversible engine restores the forward's autocast state when it rebuilds
 activations, so both execution modes train under AMP.
 
-``loss`` "gaussian_nll" trains the log-variance head, so it needs ``predict_variance`` true; the
-combination is refused rather than implied, so the network the settings describe is the network
-trained.
+``loss`` "gaussian_nll" or "rmse_nll" trains the log-variance head, so it needs
+``predict_variance`` true; the combination is refused rather than implied, so the network the
+settings describe is the network trained.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ SETTINGS_FILE = "settings.json"
 RUNS_FILE = "runs.json"
 LAST_CHECKPOINT = "checkpoint_last.pt"
 BEST_CHECKPOINT = "model_best.pt"
-LOSSES = ("rmse", "gaussian_nll")
 #: What ``trained_on`` may say about the training data (``normalisation.json``).
 DATA_SOURCES = ("synthetic-geometric", "synthetic-mni152", "hcp", "unknown")
 
@@ -99,12 +98,14 @@ def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     checked["dropout_rate"] = _number(
         "dropout_rate", checked.get("dropout_rate", 0.0), low=0.0, high=1.0, low_inclusive=True
     )
+    from monai_iqt.losses import LOSSES  # losses imports training's RMSELoss: import late
+
     loss = checked.get("loss", "rmse")
     if loss not in LOSSES:
         raise InputError(f"setting loss must be one of {', '.join(LOSSES)}, got {loss!r}.")
-    if loss == "gaussian_nll" and not checked.get("predict_variance", False):
+    if loss != "rmse" and not checked.get("predict_variance", False):
         raise InputError(
-            "setting loss gaussian_nll trains a predicted variance: give --predict_variance true "
+            f"setting loss {loss} trains a predicted variance: give --predict_variance true "
             "with it (or --loss rmse)."
         )
     if checked.get("amp") and not torch.cuda.is_available():
