@@ -145,14 +145,18 @@ def error_figure(
 
 
 def uncertainty_figure(
-    error: np.ndarray, sigma: np.ndarray, z: int, affine: np.ndarray, path: Path, title: str
+    error: np.ndarray,
+    sigma: np.ndarray,
+    z: int,
+    affine: np.ndarray,
+    path: Path,
+    title: str,
+    names: tuple[str, str] = ("|error|", "predicted σ"),
 ) -> Path:
     """A model's actual error beside its predicted standard deviation (per-voxel RMS over the
-    6 elements, 1e-5 mm^2/s, one colour scale): where it is unsure should be where it errs."""
-    panels = {
-        "|error|": _axial(error, z) / RMSE_UNIT,
-        "predicted σ": _axial(sigma, z) / RMSE_UNIT,
-    }
+    6 elements, 1e-5 mm^2/s, one colour scale): where it is unsure should be where it errs.
+    ``names`` relabels the panels (e.g. two sigma maps side by side)."""
+    panels = {names[0]: _axial(error, z) / RMSE_UNIT, names[1]: _axial(sigma, z) / RMSE_UNIT}
     vmax = max(float(np.percentile(p, 99.5)) for p in panels.values()) or 1.0
     figure, axes = _new_figure(2)
     image = _slice_panels(figure, axes, panels, affine, cmap="inferno", vmin=0, vmax=vmax)
