@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_reversible import _randomise_running_stats, _relative
 from torch import nn
 
 from monai_iqt.networks import ESPCN_RN
@@ -38,19 +39,6 @@ def _gradients(net: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool) -> t
         prediction = net(x)
     nn.functional.mse_loss(prediction.float(), y).backward()
     return torch.cat([p.grad.flatten().float() for p in net.parameters()])
-
-
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
-
-
-def _randomise_running_stats(net: nn.Module) -> None:
-    generator = torch.Generator().manual_seed(2)
-    for module in net.modules():
-        if isinstance(module, nn.BatchNorm3d):
-            shape = module.running_mean.shape
-            module.running_mean.copy_(torch.rand(shape, generator=generator) - 0.5)
-            module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
 
 
 def test_memory_efficient_trains_a_step_under_bfloat16_autocast() -> None:
