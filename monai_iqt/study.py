@@ -756,7 +756,7 @@ def _save(figure, path: Path) -> Path:
 def rmse_vs_depth_figure(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """Interior, exterior and total RMSE (mean ± std) against N, one line per TVS."""
     plt = _pyplot()
-    figure, axes = plt.subplots(1, 3, figsize=(13, 4))
+    figure, axes = plt.subplots(1, 3, figsize=(13, 4), layout="constrained")
     tvs_sizes = sorted({r["tvs"] for r in rows if r["tvs"] != ""})
     cubic = [r for r in rows if r["model"] == CUBIC]
     for axis, region in zip(axes, REGIONS, strict=True):
@@ -789,7 +789,7 @@ def rmse_vs_depth_figure(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
 def memory_time_figure(results: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """Fig. 6 against depth: peak bytes saved by autograd and step time, both modes."""
     plt = _pyplot()
-    figure, (memory_axis, time_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    figure, (memory_axis, time_axis) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     for memory_efficient, label in ((False, "plain (naive)"), (True, "memory-efficient")):
         mine = sorted(
             (r for r in results if r["memory_efficient"] == memory_efficient),
