@@ -110,6 +110,25 @@ def test_sampling_is_seeded_split_80_20_and_per_subject(dataset: Path) -> None:
     assert [loc.start for loc in only_b.train_dataset.data] == b_starts
 
 
+def test_shared_target_scale_weighs_every_element_in_mm2_per_s_alike(dataset: Path) -> None:
+    per_channel = build_patch_data(dataset, patches_per_subject=40, seed=3)
+    shared = build_patch_data(dataset, patches_per_subject=40, seed=3, target_scale="shared")
+    stds = np.asarray(per_channel.stats.target_std)
+    assert np.ptp(stds) > 0  # the subjects' channels differ in spread, so the test can fail
+    # Oracle: one scale, the root mean square of the per-channel stds; means and inputs kept.
+    np.testing.assert_allclose(shared.stats.target_std, [np.sqrt(np.mean(stds**2))] * 6)
+    assert shared.stats.target_mean == per_channel.stats.target_mean
+    assert shared.stats.input_std == per_channel.stats.input_std
+    label = shared.train_dataset[0]["label"].double()
+    _, _, raw = raw_pairs(shared, "train")[0]
+    restored = shared.stats.denormalise_output(label[None])[0]
+    # float32 normalised labels: about 1e-7 of the scale per value, so atol is 1e-5 of the scale
+    scale = shared.stats.target_std[0]
+    np.testing.assert_allclose(restored, raw.double(), rtol=1e-5, atol=1e-5 * scale)
+    with pytest.raises(InputError, match="target_scale must be one of channel, shared"):
+        build_patch_data(dataset, patches_per_subject=40, target_scale="physical")
+
+
 def test_normalisation_statistics_come_from_training_patches(dataset: Path) -> None:
     data = build_patch_data(dataset, patches_per_subject=40, seed=3)
     pairs = raw_pairs(data, "train")

@@ -2,14 +2,18 @@
 
 Statistics are computed on the training patches (inputs and targets separately) and applied
 per tensor channel, so whole-volume inference applies exactly the transform training saw.
+Targets may instead share one scale over the six elements (``target_scale`` "shared"): the loss
+then weighs every element's error in mm^2/s alike, where per-channel scales make an error in the
+small off-diagonal elements count as much as a larger one on the diagonal.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +78,11 @@ class NormalisationStats:
     ) -> NormalisationStats:
         """Statistics of channel-first batches ``(B, C, X, Y, Z)`` of inputs and targets."""
         return cls.from_batches(lambda: [(inputs, targets)], **extra)
+
+    def with_shared_target_scale(self) -> NormalisationStats:
+        """A copy whose targets share one scale: the root mean square of the channel stds."""
+        shared = math.sqrt(sum(std**2 for std in self.target_std) / len(self.target_std))
+        return replace(self, target_std=[shared] * len(self.target_std))
 
     def normalise_input(self, x: torch.Tensor) -> torch.Tensor:
         return (x - _channels(self.input_mean, x)) / _channels(self.input_std, x)

@@ -37,6 +37,9 @@ from preprocessing.layout import find_subjects
 
 log = logging.getLogger(__name__)
 
+#: How targets are scaled for the loss: per tensor channel, or one scale for all six.
+TARGET_SCALES = ("channel", "shared")
+
 
 def hr_patch_size(lr_patch_size: int, upscale_factor: int) -> int:
     """HR target size of an LR patch: the network's valid output ``r * (n - 4)``."""
@@ -169,9 +172,11 @@ def build_patch_data(
     validation_fraction: float = 0.2,
     seed: int = 0,
     num_workers: int = 0,
+    target_scale: str = "channel",
 ) -> PatchData:
     """Sample ``patches_per_subject`` seeded patch pairs per subject, split them 80/20 and
-    compute the normalisation statistics on the training patches.
+    compute the normalisation statistics on the training patches (targets scaled per channel,
+    or by one scale shared over the six elements: ``target_scale`` "channel" or "shared").
 
     Patch positions of a subject depend only on ``seed`` and the subject id (not on which other
     subjects are used); each subject contributes ``1 - validation_fraction`` of its patches to
@@ -183,6 +188,10 @@ def build_patch_data(
         raise InputError(f"lr_patch_size must be >= {2 * VALID_SHRINK + 1}, got {lr_patch_size}.")
     if not 0.0 < float(validation_fraction) < 1.0:
         raise InputError(f"validation_fraction must be in (0, 1), got {validation_fraction}.")
+    if target_scale not in TARGET_SCALES:
+        raise InputError(
+            f"target_scale must be one of {', '.join(TARGET_SCALES)}, got {target_scale!r}."
+        )
     headers = [inspect_subject(folder) for folder in find_subjects(dataset_dir, subjects)]
     _check_consistent(headers)
     try:
@@ -204,6 +213,8 @@ def build_patch_data(
     )
     raw = ExtractPatchPair(volumes, int(lr_patch_size))
     stats = NormalisationStats.from_batches(lambda: raw.batches(train))
+    if target_scale == "shared":
+        stats = stats.with_shared_target_scale()
     normalised = ExtractPatchPair(volumes, int(lr_patch_size), stats)
     cache_bytes = sum(v["dt_lr"].nbytes + v["dt_hr"].nbytes + v["mask_hr"].nbytes for v in volumes)
     log.info(

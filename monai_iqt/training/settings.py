@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from monai_iqt.bundle import as_bool
+from monai_iqt.data.patches import TARGET_SCALES
 from monai_iqt.networks.espcn import VALID_SHRINK
 from preprocessing.io import InputError
 from preprocessing.layout import RECORD_NAME, find_subjects, holds_preprocessed_data, read_record
@@ -72,9 +73,12 @@ RESUME_KEYS = (
     "learning_rate",
     "lr_decay",
     "loss",
+    "target_scale",
     "predict_variance",
     "dropout_rate",
 )
+#: Settings added after runs were first recorded, and the value older records imply.
+_RECORDED_SINCE = {"target_scale": "channel"}
 
 
 def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -107,6 +111,12 @@ def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
         raise InputError(
             f"setting loss {loss} trains a predicted variance: give --predict_variance true "
             "with it (or --loss rmse)."
+        )
+    target_scale = checked.setdefault("target_scale", "channel")
+    if target_scale not in TARGET_SCALES:
+        raise InputError(
+            f"setting target_scale must be one of {', '.join(TARGET_SCALES)}, got "
+            f"{target_scale!r}."
         )
     if checked.get("amp") and not torch.cuda.is_available():
         raise InputError(
@@ -242,7 +252,7 @@ def compare_settings(recorded: Mapping[str, Any], current: Mapping[str, Any], ru
     """One sentence naming the first setting in which ``current`` differs from ``recorded``."""
     advice = "resume with the runs' settings, or give --overwrite true to start over."
     for key, value in current.items():
-        old = recorded.get(key)
+        old = recorded.get(key, _RECORDED_SINCE.get(key))
         if key == "subjects" and old != value:
             old_names = [name for name, _ in old or []]
             new_names = [name for name, _ in value]
