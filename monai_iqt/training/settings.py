@@ -115,8 +115,7 @@ def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     target_scale = checked.setdefault("target_scale", "channel")
     if target_scale not in TARGET_SCALES:
         raise InputError(
-            f"setting target_scale must be one of {', '.join(TARGET_SCALES)}, got "
-            f"{target_scale!r}."
+            f"setting target_scale must be one of {', '.join(TARGET_SCALES)}, got {target_scale!r}."
         )
     if checked.get("amp") and not torch.cuda.is_available():
         raise InputError(
