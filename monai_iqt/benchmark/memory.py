@@ -5,7 +5,7 @@
 
 Prints the paper's Fig. 6 table (ESPCN, ESPCN-RN4, ESPCN-RN4-Naive; 11^3 LR patches, batch 12,
 one Adam step) and a depth sweep N in {0, 1, 2, 4, 8, 16, 32} in both modes, then the ratios
-against the targets of the project's issue.
+against their targets (memory-efficient saved bytes flat in N, ratio to plain, step time).
 
 Memory:
 - *saved*: peak bytes held by autograd over forward and backward, counted with
