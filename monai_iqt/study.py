@@ -46,6 +46,7 @@ from scipy import stats as scipy_stats
 from monai_iqt import evaluation
 from monai_iqt.bundle import exit_on_bad_input
 from monai_iqt.metrics import REGIONS
+from monai_iqt.training.settings import RECORDED_SINCE
 from preprocessing import layout
 from preprocessing.io import InputError, atomic_path, write_json, write_text
 
@@ -561,7 +562,7 @@ def _check_same_training(
             )
     old, new = recorded.get("settings", {}), wanted["settings"]
     for key in sorted((set(old) | set(new)) - set(NOT_COMPARED)):
-        if old.get(key) != new.get(key):
+        if old.get(key, RECORDED_SINCE.get(key)) != new.get(key):
             raise InputError(
                 f"cell {cell_dir} was trained with {key}={old.get(key)!r}, not "
                 f"{new.get(key)!r}: use another output_dir, or delete that cell folder to train "

@@ -23,10 +23,13 @@ from monai_iqt.data import NormalisationStats
 from monai_iqt.study import (
     CUBIC,
     METRICS_COLUMNS,
+    _check_same_training,
     bundle_study,
     paired_wilcoxon,
     unforwarded_settings,
 )
+from monai_iqt.training.settings import compare_settings
+from preprocessing.io import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "iqt_espcn_rn" / "configs"
@@ -259,3 +262,20 @@ def test_rerun_with_other_training_settings_is_refused_and_changes_nothing(
     assert "was trained with epochs=1, not 2" in result.stderr
     after = {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_records_made_before_target_scale_existed_mean_per_channel(tmp_path: Path) -> None:
+    """Runs and cells recorded before ``target_scale`` existed were trained per channel: they
+    resume under "channel" and are refused under "shared", naming the setting."""
+    old_cell = {"subjects": ["s1"], "depth": 2, "settings": {"epochs": 10}}
+    wanted = {"subjects": ["s1"], "depth": 2, "settings": {"epochs": 10}}
+    _check_same_training(
+        tmp_path, old_cell, {**wanted, "settings": {"epochs": 10, "target_scale": "channel"}}
+    )
+    with pytest.raises(InputError, match="target_scale=None, not 'shared'"):
+        _check_same_training(
+            tmp_path, old_cell, {**wanted, "settings": {"epochs": 10, "target_scale": "shared"}}
+        )
+    compare_settings({"epochs": 10}, {"epochs": 10, "target_scale": "channel"}, tmp_path)
+    with pytest.raises(InputError, match="setting target_scale was 'channel' .* is now 'shared'"):
+        compare_settings({"epochs": 10}, {"epochs": 10, "target_scale": "shared"}, tmp_path)

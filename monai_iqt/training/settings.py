@@ -78,7 +78,7 @@ RESUME_KEYS = (
     "dropout_rate",
 )
 #: Settings added after runs were first recorded, and the value older records imply.
-_RECORDED_SINCE = {"target_scale": "channel"}
+RECORDED_SINCE = {"target_scale": "channel"}
 
 
 def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -251,7 +251,7 @@ def compare_settings(recorded: Mapping[str, Any], current: Mapping[str, Any], ru
     """One sentence naming the first setting in which ``current`` differs from ``recorded``."""
     advice = "resume with the runs' settings, or give --overwrite true to start over."
     for key, value in current.items():
-        old = recorded.get(key, _RECORDED_SINCE.get(key))
+        old = recorded.get(key, RECORDED_SINCE.get(key))
         if key == "subjects" and old != value:
             old_names = [name for name, _ in old or []]
             new_names = [name for name, _ in value]
