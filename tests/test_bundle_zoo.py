@@ -143,8 +143,8 @@ def test_shipped_synthetic_weights_warn_what_they_were_trained_on(tmp_path, mode
     done = monai_bundle(
         "run", "--config_file", "configs/inference.json", "--input", str(tmp_path / "scan.nii.gz"),
         "--output_dir", str(tmp_path / "out"), "--device", "cpu",
-        "--model_path", f"{models}/model.pt", "--normalisation_path", f"{models}/normalisation.json",
-        cwd=BUNDLE,
+        "--model_path", f"{models}/model.pt",
+        "--normalisation_path", f"{models}/normalisation.json", cwd=BUNDLE,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     shipped = json.loads((BUNDLE / models / "normalisation.json").read_text())["extra"]
