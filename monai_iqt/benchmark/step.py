@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from monai_iqt.benchmark.memory import Result, make_batch, time_alternating
+from monai_iqt.benchmark.memory import Result, make_batch, time_alternating, train_step
 from monai_iqt.networks import ESPCN_RN
 
 VARIANTS = ("eager", "compile", "channels_last_3d")
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         for variant in VARIANTS:
             model, optimizer = build(variant, depth, device)
             start = time.perf_counter()
-            time_alternating([(Result(variant, depth, False), model, optimizer)], x, y, 1, 0)
+            train_step(model, optimizer, x, y)
             first[variant] = time.perf_counter() - start
             runs.append((Result(variant, depth, False), model, optimizer))
         time_alternating(runs, x, y, args.steps, warmup=2)
