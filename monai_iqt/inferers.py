@@ -291,7 +291,8 @@ def _brain_crop(
 class WholeBrainInferer:
     """Turn an LR tensor volume (X, Y, Z, 6) in mm^2/s into the HR one (rX, rY, rZ, 6).
 
-    The volume is padded by 2 voxels of background (0 mm^2/s), normalised with the statistics
+    The volume is padded by 2 voxels repeating its edge (background stays background; a brain
+    cut by the field of view continues as it left it), normalised with the statistics
     saved beside the weights, run through ``inferer`` and denormalised; the output is zero
     outside the brain region.
 
@@ -343,9 +344,11 @@ class WholeBrainInferer:
         return parameter.dtype if parameter is not None else torch.float32
 
     def _padded_input(self, dt_lr: np.ndarray) -> torch.Tensor:
-        """(1, 6, X+4, Y+4, Z+4): normalised tensor, 0 mm^2/s beyond the field of view."""
+        """(1, 6, X+4, Y+4, Z+4): normalised tensor, edge voxels repeated beyond the field of
+        view (as the cubic B-spline baseline, ``mode="nearest"``)."""
         dt = torch.as_tensor(np.moveaxis(np.asarray(dt_lr), -1, 0)[None], dtype=self._dtype())
-        return self.stats.normalise_input(torch.nn.functional.pad(dt, (VALID_SHRINK,) * 6))
+        padded = torch.nn.functional.pad(dt, (VALID_SHRINK,) * 6, mode="replicate")
+        return self.stats.normalise_input(padded)
 
     def _finish(self, prediction: torch.Tensor, brain_lr: np.ndarray) -> np.ndarray:
         """(1, C, rX, rY, rZ) normalised -> (rX, rY, rZ, 6) float32 mm^2/s, 0 outside the brain."""

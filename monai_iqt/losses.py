@@ -8,7 +8,8 @@ the likelihood of the detached mean's residual: the mean sees the RMSE objective
 learns how large that mean's error is.
 
 Predictions are (B, C, ...) means or (B, 2C, ...) [mean, log_var] (see
-:func:`monai_iqt.networks.split_mean_log_var`); targets are (B, C, ...), in normalised units.
+:func:`monai_iqt.networks.split_mean_log_var`); targets are (B, C, ...), in normalised units,
+NaN where there is no target (``target_region="brain"``): every loss averages over the others.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class GaussianNLLLoss(nn.Module):
                 f"the gaussian_nll loss needs a prediction with {2 * target.shape[1]} channels "
                 f"(mean and log-variance, predict_variance=True), got {pred.shape[1]}"
             )
+        has_target = ~torch.isnan(target)
+        mean, log_var, target = mean[has_target], log_var[has_target], target[has_target]
         return 0.5 * (log_var + (target - mean).square() * torch.exp(-log_var)).mean()
 
 

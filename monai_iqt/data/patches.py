@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 #: How targets are scaled for the loss: per tensor channel, or one scale for all six.
 TARGET_SCALES = ("channel", "shared")
+#: Which HR voxels of a target block the loss and validation score: all of them (outside the
+#: brain as zero tensors, the paper's), or the brain voxels only (the others become NaN).
+TARGET_REGIONS = ("patch", "brain")
 
 
 def hr_patch_size(lr_patch_size: int, upscale_factor: int) -> int:
@@ -90,7 +93,9 @@ class ExtractPatchPair(Transform):
     """Crop an LR input patch and its HR target block from cached volumes, then normalise.
 
     Returns ``{"image": (C, n, n, n), "label": (C, m, m, m)}`` float32 tensors, the keys that
-    MONAI's ``SupervisedTrainer`` reads; ``stats=None`` returns raw mm^2/s values.
+    MONAI's ``SupervisedTrainer`` reads; ``stats=None`` returns raw mm^2/s values. With
+    ``target_region="brain"`` the label is NaN outside ``mask_hr``: no target there, so the losses
+    and the validation metric, which skip NaN targets, score brain voxels only.
     """
 
     def __init__(
@@ -98,10 +103,12 @@ class ExtractPatchPair(Transform):
         volumes: Sequence[dict[str, Any]],
         lr_patch_size: int,
         stats: NormalisationStats | None = None,
+        target_region: str = "patch",
     ) -> None:
         self.volumes = volumes
         self.lr_patch_size = lr_patch_size
         self.stats = stats
+        self.target_region = target_region
 
     def crop(self, location: PatchLocation) -> tuple[torch.Tensor, torch.Tensor]:
         volume = self.volumes[location.subject]
@@ -122,11 +129,21 @@ class ExtractPatchPair(Transform):
             pairs = [self.crop(location) for location in locations[begin : begin + chunk]]
             yield torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
+    def brain(self, location: PatchLocation) -> torch.Tensor:
+        """The HR block's ``mask_hr`` (m, m, m) bool, cropped like the target."""
+        volume = self.volumes[location.subject]
+        r = volume["upscale_factor"]
+        m = hr_patch_size(self.lr_patch_size, r)
+        hx, hy, hz = (r * (s + VALID_SHRINK) for s in location.start)
+        return torch.from_numpy(np.array(volume["mask_hr"][hx : hx + m, hy : hy + m, hz : hz + m]))
+
     def __call__(self, location: PatchLocation) -> dict[str, torch.Tensor]:
         image, label = self.crop(location)
         if self.stats is not None:
             image = self.stats.normalise_input(image[None])[0]
             label = self.stats.normalise_target(label[None])[0]
+        if self.target_region == "brain":
+            label = label.masked_fill(~self.brain(location)[None], float("nan"))
         return {"image": image, "label": label}
 
 
@@ -173,10 +190,13 @@ def build_patch_data(
     seed: int = 0,
     num_workers: int = 0,
     target_scale: str = "channel",
+    target_region: str = "patch",
 ) -> PatchData:
     """Sample ``patches_per_subject`` seeded patch pairs per subject, split them 80/20 and
     compute the normalisation statistics on the training patches (targets scaled per channel,
     or by one scale shared over the six elements: ``target_scale`` "channel" or "shared").
+    ``target_region`` "brain" leaves the target's non-brain voxels out of loss and validation
+    (:class:`ExtractPatchPair`); the statistics are those of whole blocks either way.
 
     Patch positions of a subject depend only on ``seed`` and the subject id (not on which other
     subjects are used); each subject contributes ``1 - validation_fraction`` of its patches to
@@ -191,6 +211,10 @@ def build_patch_data(
     if target_scale not in TARGET_SCALES:
         raise InputError(
             f"target_scale must be one of {', '.join(TARGET_SCALES)}, got {target_scale!r}."
+        )
+    if target_region not in TARGET_REGIONS:
+        raise InputError(
+            f"target_region must be one of {', '.join(TARGET_REGIONS)}, got {target_region!r}."
         )
     headers = [inspect_subject(folder) for folder in find_subjects(dataset_dir, subjects)]
     _check_consistent(headers)
@@ -215,7 +239,7 @@ def build_patch_data(
     stats = NormalisationStats.from_batches(lambda: raw.batches(train))
     if target_scale == "shared":
         stats = stats.with_shared_target_scale()
-    normalised = ExtractPatchPair(volumes, int(lr_patch_size), stats)
+    normalised = ExtractPatchPair(volumes, int(lr_patch_size), stats, target_region)
     cache_bytes = sum(v["dt_lr"].nbytes + v["dt_hr"].nbytes + v["mask_hr"].nbytes for v in volumes)
     log.info(
         "patch data: %d subjects, %d training and %d validation patches (LR %d^3 -> HR %d^3), "

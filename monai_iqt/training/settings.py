@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from monai_iqt.bundle import as_bool
-from monai_iqt.data.patches import TARGET_SCALES
+from monai_iqt.data.patches import TARGET_REGIONS, TARGET_SCALES
 from monai_iqt.networks.espcn import VALID_SHRINK
 from preprocessing.io import InputError
 from preprocessing.layout import RECORD_NAME, find_subjects, holds_preprocessed_data, read_record
@@ -74,11 +74,12 @@ RESUME_KEYS = (
     "lr_decay",
     "loss",
     "target_scale",
+    "target_region",
     "predict_variance",
     "dropout_rate",
 )
 #: Settings added after runs were first recorded, and the value older records imply.
-RECORDED_SINCE = {"target_scale": "channel"}
+RECORDED_SINCE = {"target_scale": "channel", "target_region": "patch"}
 
 
 def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -116,6 +117,12 @@ def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     if target_scale not in TARGET_SCALES:
         raise InputError(
             f"setting target_scale must be one of {', '.join(TARGET_SCALES)}, got {target_scale!r}."
+        )
+    target_region = checked.setdefault("target_region", "patch")
+    if target_region not in TARGET_REGIONS:
+        raise InputError(
+            f"setting target_region must be one of {', '.join(TARGET_REGIONS)}, "
+            f"got {target_region!r}."
         )
     if checked.get("amp") and not torch.cuda.is_available():
         raise InputError(
