@@ -9,8 +9,8 @@ inner sides. Each window runs the network only on its brain's bounding box plus 
 windows without brain are not computed. In ``patches`` mode it is the paper's patch regression:
 11^3 input patches, each zero-padded inside exactly as in training, their 7^3 outputs stitched.
 
-:class:`WholeBrainInferer` wraps it for tensor volumes in mm^2/s: normalisation, background
-padding, denormalisation and the brain mask.
+:class:`WholeBrainInferer` wraps it for tensor volumes in mm^2/s: normalisation, edge
+padding (repeated edge voxels), denormalisation and the brain mask.
 """
 
 from __future__ import annotations

@@ -75,6 +75,24 @@ def test_stitched_windows_equal_one_whole_volume_pass(num_blocks, lr_shape, roi)
     assert relative_max_error(stitched, whole) < 1e-5
 
 
+def test_a_brain_cut_by_the_field_of_view_continues_beyond_it():
+    """The LR edge repeats beyond the field of view: predicting a slab equals predicting a
+    volume whose first and last slices are repeated, at the slab's own voxels."""
+    torch.manual_seed(2)
+    network = ESPCN_RN(0)
+    stats = NormalisationStats(MEAN, STD, MEAN, STD)
+    inferer = WholeBrainInferer(network, stats, 2, 64, 1, "cpu")
+    slab = random_tensors((12, 10, 9), seed=5)  # brain everywhere: cut on all six faces
+    # Oracle: the edge repeated by hand (numpy), two LR voxels, the ESPCN's halo.
+    extended = np.pad(slab, ((2, 2), (2, 2), (2, 2), (0, 0)), mode="edge")
+    expected = inferer.whole_volume(extended)[4:-4, 4:-4, 4:-4]
+    actual = inferer.whole_volume(slab)
+    assert relative_max_error(actual, expected) < 1e-5
+    # Control: zero background beyond the edge predicts the outer slices differently.
+    zeros = np.pad(slab, ((2, 2), (2, 2), (2, 2), (0, 0)))
+    assert relative_max_error(actual, inferer.whole_volume(zeros)[4:-4, 4:-4, 4:-4]) > 1e-2
+
+
 def test_reversible_blocks_need_their_halo():
     """Control: windows that ignore the reversible blocks' halo do leave seams."""
     torch.manual_seed(1)

@@ -111,8 +111,10 @@ def test_sampling_is_seeded_split_80_20_and_per_subject(dataset: Path) -> None:
 
 
 def test_shared_target_scale_weighs_every_element_in_mm2_per_s_alike(dataset: Path) -> None:
-    per_channel = build_patch_data(dataset, patches_per_subject=40, seed=3)
-    shared = build_patch_data(dataset, patches_per_subject=40, seed=3, target_scale="shared")
+    per_channel = build_patch_data(dataset, patches_per_subject=40, seed=3, target_region="patch")
+    shared = build_patch_data(
+        dataset, patches_per_subject=40, seed=3, target_scale="shared", target_region="patch"
+    )
     stds = np.asarray(per_channel.stats.target_std)
     assert np.ptp(stds) > 0  # the subjects' channels differ in spread, so the test can fail
     # Oracle: one scale, the root mean square of the per-channel stds; means and inputs kept.
@@ -129,8 +131,33 @@ def test_shared_target_scale_weighs_every_element_in_mm2_per_s_alike(dataset: Pa
         build_patch_data(dataset, patches_per_subject=40, target_scale="physical")
 
 
+def test_brain_target_region_leaves_only_non_brain_voxels_without_target(dataset: Path) -> None:
+    whole = build_patch_data(dataset, patches_per_subject=40, seed=3, target_region="patch")
+    brain = build_patch_data(dataset, patches_per_subject=40, seed=3, target_region="brain")
+    assert brain.stats == whole.stats  # statistics of whole blocks either way
+    import nibabel as nib
+
+    masks = [
+        np.asarray(nib.load(dataset / n / "mask_hr.nii.gz").dataobj) > 0 for n in whole.subjects
+    ]
+    partial = 0
+    for index, loc in enumerate(brain.train_dataset.data):
+        label = brain.train_dataset[index]["label"]
+        # Oracle: mask_hr cropped at the target block's HR start 2 (s + 2), read from the file.
+        hx, hy, hz = (2 * (s + 2) for s in loc.start)
+        inside = masks[loc.subject][hx : hx + 14, hy : hy + 14, hz : hz + 14]
+        assert torch.equal(
+            torch.isnan(label), torch.from_numpy(~inside)[None].expand(6, -1, -1, -1)
+        )
+        torch.testing.assert_close(label[:, inside], whole.train_dataset[index]["label"][:, inside])
+        partial += int(not inside.all())
+    assert partial > 0, "no block crosses the brain's edge, so the test could not fail"
+    with pytest.raises(InputError, match="target_region must be one of patch, brain"):
+        build_patch_data(dataset, patches_per_subject=40, target_region="mask")
+
+
 def test_normalisation_statistics_come_from_training_patches(dataset: Path) -> None:
-    data = build_patch_data(dataset, patches_per_subject=40, seed=3)
+    data = build_patch_data(dataset, patches_per_subject=40, seed=3, target_region="patch")
     pairs = raw_pairs(data, "train")
     # Oracle: numpy's mean and unbiased std of every training patch value, channel by channel.
     oracle = {}

@@ -12,6 +12,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, EarlyStopping
 
+from monai_iqt.losses import build_loss
 from monai_iqt.training import (
     FixedNameSaver,
     RandomStates,
@@ -120,3 +121,30 @@ def test_validation_rmse_scores_only_the_mean_channels() -> None:
     assert torch.sqrt(torch.mean((pred - target) ** 2)).item() == pytest.approx(0.5)
     pred, target = flat_pred_label({"pred": mean, "label": label})  # no variance: all channels
     assert pred.numel() == label.numel()
+
+
+@pytest.mark.parametrize("name", ["rmse", "gaussian_nll", "rmse_nll"])
+def test_losses_and_validation_skip_voxels_without_target(name: str) -> None:
+    generator = torch.Generator().manual_seed(1)
+    pred = torch.randn(2, 12, 4, 4, 4, dtype=torch.float64, generator=generator)
+    pred.requires_grad_()
+    target = torch.randn(2, 6, 4, 4, 4, dtype=torch.float64, generator=generator)
+    brain = torch.rand(2, 1, 4, 4, 4, generator=generator) < 0.6  # ~40 % of voxels without target
+    marked = target.masked_fill(~brain, float("nan"))
+
+    # Oracle: the same loss of the brain voxels alone, gathered into a flat (1, 6, K) batch.
+    def brain_only(volume: torch.Tensor) -> torch.Tensor:
+        return volume.movedim(1, -1)[brain[:, 0]].T[None]
+
+    expected = build_loss(name)(brain_only(pred), brain_only(target))
+    loss = build_loss(name)(pred, marked)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert torch.isfinite(pred.grad).all()
+    assert (pred.grad[:, :6].movedim(1, -1)[~brain[:, 0]] == 0).all()
+    assert (pred.grad[:, :6].movedim(1, -1)[brain[:, 0]] != 0).any()
+    # Validation scores the mean channels of the same voxels, none of the log-variance ones.
+    scored_pred, scored_label = flat_pred_label({"pred": pred.detach(), "label": marked})
+    has_target = brain.expand_as(target)
+    torch.testing.assert_close(scored_label, target[has_target])
+    torch.testing.assert_close(scored_pred, pred.detach()[:, :6][has_target])

@@ -115,6 +115,7 @@ def test_bad_settings_on_the_command_line_exit_2_and_keep_the_runs(
         ("num_revnet_blocks", "-1"): "error: setting num_revnet_blocks must be an integer >= 0",
         ("loss", "gaussian_nll"): "error: setting loss gaussian_nll trains a predicted variance",
         ("target_scale", "physical"): "error: setting target_scale must be one of channel, shared",
+        ("target_region", "mask"): "error: setting target_region must be one of patch, brain",
     }
     processes = {
         case: subprocess.Popen(

@@ -190,7 +190,7 @@ def build_patch_data(
     seed: int = 0,
     num_workers: int = 0,
     target_scale: str = "channel",
-    target_region: str = "patch",
+    target_region: str = "brain",
 ) -> PatchData:
     """Sample ``patches_per_subject`` seeded patch pairs per subject, split them 80/20 and
     compute the normalisation statistics on the training patches (targets scaled per channel,

@@ -118,7 +118,7 @@ def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
         raise InputError(
             f"setting target_scale must be one of {', '.join(TARGET_SCALES)}, got {target_scale!r}."
         )
-    target_region = checked.setdefault("target_region", "patch")
+    target_region = checked.setdefault("target_region", "brain")
     if target_region not in TARGET_REGIONS:
         raise InputError(
             f"setting target_region must be one of {', '.join(TARGET_REGIONS)}, "
