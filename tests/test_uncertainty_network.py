@@ -205,3 +205,22 @@ def test_rmse_nll_gives_the_mean_the_rmse_gradient_and_the_variance_the_nll_grad
     torch.testing.assert_close(log_var.grad, nll_log_var.grad)
     with pytest.raises(ValueError, match="needs a prediction with 12 channels"):
         build_loss("rmse_nll")(mean, target)
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["plain", "memory-efficient"])
+def test_detached_variance_head_leaves_the_shared_layers_to_the_mean(memory_efficient) -> None:
+    x, y = _batch(torch.float64, batch=2)
+    torch.manual_seed(3)
+    shared = ESPCN_RN(1, memory_efficient, predict_variance=True).double().train()
+    detached = ESPCN_RN(1, memory_efficient, predict_variance=True, detach_variance=True)
+    detached.double().train().load_state_dict(shared.state_dict())
+    torch.testing.assert_close(detached(x), shared(x))  # the same network at inference
+    # Oracle: the RMSE of the mean alone, through the network that shares its features.
+    build_loss("rmse")(shared(x), y).backward()
+    build_loss("rmse_nll")(detached(x), y).backward()
+    for name, parameter in detached.named_parameters():
+        reference = dict(shared.named_parameters())[name].grad
+        if name.startswith("conv3_log_var"):
+            assert not reference.any() and parameter.grad.abs().sum() > 0
+        else:
+            torch.testing.assert_close(parameter.grad, reference, msg=name)

@@ -102,6 +102,9 @@ class ESPCN(nn.Module):
         dropout_rate: channel-wise 3D dropout after both hidden ReLUs, in [0, 1); 0 adds no
             dropout layer. Dropout has no parameters: state dicts do not depend on it.
         init: "he", "icnr" (both heads) or "default".
+        detach_variance: the log-variance head reads the last hidden features detached, so its
+            loss trains that head alone and cannot pull the shared layers away from the mean's
+            objective (the ``rmse_nll`` training). Outputs and state dicts do not depend on it.
     """
 
     valid_shrink: int = VALID_SHRINK
@@ -113,6 +116,7 @@ class ESPCN(nn.Module):
         predict_variance: bool = False,
         dropout_rate: float = 0.0,
         init: str = "he",
+        detach_variance: bool = False,
     ) -> None:
         super().__init__()
         check_upscale_factor(upscale_factor)
@@ -121,6 +125,7 @@ class ESPCN(nn.Module):
         self.in_channels = in_channels
         self.upscale_factor = upscale_factor
         self.predict_variance = bool(predict_variance)
+        self.detach_variance = bool(detach_variance)
         self.dropout_rate = check_dropout_rate(dropout_rate)
         hidden1, hidden2 = HIDDEN_CHANNELS
         out_channels = in_channels * upscale_factor**3
@@ -151,6 +156,8 @@ class ESPCN(nn.Module):
         mean = self.shuffle(self.conv3(features))
         if not self.predict_variance:
             return mean
+        if self.detach_variance:
+            features = features.detach()
         log_var = bound_log_var(self.shuffle(self.conv3_log_var(features)))
         return torch.cat((mean, log_var), dim=1)
 

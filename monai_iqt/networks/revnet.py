@@ -169,6 +169,8 @@ class ESPCN_RN(ESPCN):  # noqa: N801 - the paper's name
         init: "he" (the paper's: He-normal fan_in weights of every convolution, the blocks'
             included, zero biases; BatchNorm weight 1, bias 0), "icnr" (He, with ICNR for the
             sub-pixel heads) or "default" (PyTorch's); see :class:`ESPCN`.
+        detach_variance: train the log-variance head without shaping the shared layers; see
+            :class:`ESPCN`.
     """
 
     def __init__(
@@ -180,6 +182,7 @@ class ESPCN_RN(ESPCN):  # noqa: N801 - the paper's name
         predict_variance: bool = False,
         dropout_rate: float = 0.0,
         init: str = "he",
+        detach_variance: bool = False,
     ) -> None:
         if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 0:
             raise ValueError(f"num_blocks must be an integer >= 0, got {num_blocks!r}")
@@ -194,6 +197,7 @@ class ESPCN_RN(ESPCN):  # noqa: N801 - the paper's name
             predict_variance=predict_variance,
             dropout_rate=dropout_rate,
             init=init,
+            detach_variance=detach_variance,
         )
         self.num_blocks = num_blocks
         self.memory_efficient = memory_efficient
