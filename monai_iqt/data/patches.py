@@ -110,15 +110,20 @@ class ExtractPatchPair(Transform):
         self.stats = stats
         self.target_region = target_region
 
+    def _hr_block(self, location: PatchLocation) -> tuple[slice, slice, slice]:
+        """The HR target block of a patch: ``r (n - 4)`` voxels from HR index ``r (s + 2)``."""
+        r = self.volumes[location.subject]["upscale_factor"]
+        m = hr_patch_size(self.lr_patch_size, r)
+        return tuple(
+            slice(r * (s + VALID_SHRINK), r * (s + VALID_SHRINK) + m) for s in location.start
+        )
+
     def crop(self, location: PatchLocation) -> tuple[torch.Tensor, torch.Tensor]:
         volume = self.volumes[location.subject]
-        r = volume["upscale_factor"]
         n = self.lr_patch_size
-        m = hr_patch_size(n, r)
         x, y, z = location.start
-        hx, hy, hz = (r * (s + VALID_SHRINK) for s in location.start)
         lr = volume["dt_lr"][:, x : x + n, y : y + n, z : z + n]
-        hr = volume["dt_hr"][:, hx : hx + m, hy : hy + m, hz : hz + m]
+        hr = volume["dt_hr"][(slice(None), *self._hr_block(location))]
         return torch.from_numpy(np.array(lr)), torch.from_numpy(np.array(hr))
 
     def batches(
@@ -130,12 +135,9 @@ class ExtractPatchPair(Transform):
             yield torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
     def brain(self, location: PatchLocation) -> torch.Tensor:
-        """The HR block's ``mask_hr`` (m, m, m) bool, cropped like the target."""
-        volume = self.volumes[location.subject]
-        r = volume["upscale_factor"]
-        m = hr_patch_size(self.lr_patch_size, r)
-        hx, hy, hz = (r * (s + VALID_SHRINK) for s in location.start)
-        return torch.from_numpy(np.array(volume["mask_hr"][hx : hx + m, hy : hy + m, hz : hz + m]))
+        """The HR target block's ``mask_hr`` (m, m, m) bool."""
+        mask = self.volumes[location.subject]["mask_hr"][self._hr_block(location)]
+        return torch.from_numpy(np.array(mask, dtype=bool))
 
     def __call__(self, location: PatchLocation) -> dict[str, torch.Tensor]:
         image, label = self.crop(location)
