@@ -51,8 +51,17 @@ def init_process_group() -> None:
     log.info("rank %d of %d on %s (%s)", rank(), world_size(), device, dist.get_backend())
 
 
-def destroy_process_group() -> None:
+def synchronise() -> None:
+    """Wait for every rank (no-op in a single process)."""
     if is_distributed():
+        dist.barrier()
+
+
+def destroy_process_group() -> None:
+    """Leave the process group once every rank is done: rank 0 still exports the best model
+    after the others finish, and a rank tearing gloo down under it aborts the job."""
+    if is_distributed():
+        synchronise()
         dist.destroy_process_group()
 
 

@@ -41,7 +41,14 @@ from tqdm import tqdm
 
 from monai_iqt.bundle import exit_on_bad_input
 from monai_iqt.data.patches import PatchData, build_patch_data
-from monai_iqt.training.distributed import is_writer, rank, state_digest, unwrap, world_size
+from monai_iqt.training.distributed import (
+    is_writer,
+    rank,
+    state_digest,
+    synchronise,
+    unwrap,
+    world_size,
+)
 from monai_iqt.training.export import export_models
 from monai_iqt.training.handlers import (
     FixedNameSaver,
@@ -293,6 +300,7 @@ def train_with_restarts(
     summary = _load_summary(runs_dir) if checked["resume"] else {"runs": []}
     checkpoints = _resumable_checkpoints(runs_dir, num_restarts, summary, checked["resume"])
     writer = is_writer()
+    synchronise()  # every rank has checked the output folder before rank 0 changes it
     # Everything is checked: from here on the output folder changes.
     if writer:
         if checked["overwrite"]:
