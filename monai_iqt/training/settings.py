@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,25 +105,14 @@ def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     )
     from monai_iqt.losses import LOSSES  # losses imports training's RMSELoss: import late
 
-    loss = checked.get("loss", "rmse")
-    if loss not in LOSSES:
-        raise InputError(f"setting loss must be one of {', '.join(LOSSES)}, got {loss!r}.")
+    loss = _choice("loss", checked.get("loss", "rmse"), LOSSES)
     if loss != "rmse" and not checked.get("predict_variance", False):
         raise InputError(
             f"setting loss {loss} trains a predicted variance: give --predict_variance true "
             "with it (or --loss rmse)."
         )
-    target_scale = checked.setdefault("target_scale", "channel")
-    if target_scale not in TARGET_SCALES:
-        raise InputError(
-            f"setting target_scale must be one of {', '.join(TARGET_SCALES)}, got {target_scale!r}."
-        )
-    target_region = checked.setdefault("target_region", "brain")
-    if target_region not in TARGET_REGIONS:
-        raise InputError(
-            f"setting target_region must be one of {', '.join(TARGET_REGIONS)}, "
-            f"got {target_region!r}."
-        )
+    _choice("target_scale", checked.setdefault("target_scale", "channel"), TARGET_SCALES)
+    _choice("target_region", checked.setdefault("target_region", "brain"), TARGET_REGIONS)
     if checked.get("amp") and not torch.cuda.is_available():
         raise InputError(
             "setting amp is true but no GPU is available: MONAI's trainer autocasts on CUDA "
@@ -323,6 +312,12 @@ def _number(
     if not (math.isfinite(number) and above and number < high):
         raise InputError(f"setting {name} must be a number in {interval}, got {value!r}.")
     return number
+
+
+def _choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise InputError(f"setting {name} must be one of {', '.join(choices)}, got {value!r}.")
+    return value
 
 
 def _flag(name: str, value: Any) -> bool:
