@@ -46,7 +46,7 @@ from scipy import stats as scipy_stats
 from monai_iqt import evaluation
 from monai_iqt.bundle import exit_on_bad_input
 from monai_iqt.metrics import REGIONS
-from monai_iqt.training.settings import RECORDED_SINCE
+from monai_iqt.training.settings import RECORDED_SINCE, check_values
 from preprocessing import layout
 from preprocessing.io import InputError, atomic_path, write_json, write_text
 
@@ -161,6 +161,7 @@ def check_settings(
         raise InputError(
             f"cell_overrides sets {reserved[0]}, which the study sets for every cell itself."
         )
+    check_values(cell_overrides)  # what each cell's training would refuse, refused now
     out = Path(output_dir)
     if out.resolve() == Path(dataset_dir).resolve() or layout.holds_preprocessed_data(out):
         raise InputError(f"output_dir {out} holds preprocessed subjects: choose another folder.")

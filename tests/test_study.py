@@ -110,6 +110,8 @@ BAD_SETTINGS = [
     ({"test_subjects": ["synth002", "synth001"]}, "synth001 is both a training and a test"),
     ({"depths": []}, "depths is empty"),
     ({"tvs_sizes": []}, "tvs_sizes is empty"),
+    ({"cell_overrides": {"target_region": "mask"}}, "setting target_region must be one of"),
+    ({"cell_overrides": {"learning_rate": "1e-3x"}}, "setting learning_rate must be a number"),
 ]
 
 
@@ -124,7 +126,7 @@ def test_bad_settings_stop_with_one_sentence_and_exit_2(
     settings = {
         key: value
         for key, value in {**TINY, **overrides}.items()
-        if key in ("train_subjects", "test_subjects", "depths", "tvs_sizes")
+        if key in ("train_subjects", "test_subjects", "depths", "tvs_sizes", "cell_overrides")
     }
     with pytest.raises(SystemExit) as stop:
         bundle_study(

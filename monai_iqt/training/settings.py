@@ -82,12 +82,9 @@ RESUME_KEYS = (
 RECORDED_SINCE = {"target_scale": "channel", "target_region": "patch"}
 
 
-def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings checked and converted (flags to bool, subjects to folder names).
-
-    Adds ``subject_folders`` (the dataset's subject folders used) and ``record`` (what
-    ``runs/settings.json`` holds for these settings). Reads only ``preprocessing.json`` files.
-    """
+def check_values(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Each given setting's type, range or choice checked and converted (flags to bool); reads
+    nothing, so the study checks its cells' settings with it before it writes anything."""
     checked = dict(settings)
     for name, lowest in _INTEGERS.items():
         if name in checked:
@@ -95,11 +92,13 @@ def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     for name in _FLAGS:
         if name in checked:
             checked[name] = _flag(name, checked[name])
-    checked["learning_rate"] = _number("learning_rate", checked["learning_rate"], low=0.0)
-    checked["lr_decay"] = _number("lr_decay", checked["lr_decay"], low=0.0)
-    checked["validation_fraction"] = _number(
-        "validation_fraction", checked["validation_fraction"], low=0.0, high=1.0
-    )
+    for name in ("learning_rate", "lr_decay"):
+        if name in checked:
+            checked[name] = _number(name, checked[name], low=0.0)
+    if "validation_fraction" in checked:
+        checked["validation_fraction"] = _number(
+            "validation_fraction", checked["validation_fraction"], low=0.0, high=1.0
+        )
     checked["dropout_rate"] = _number(
         "dropout_rate", checked.get("dropout_rate", 0.0), low=0.0, high=1.0, low_inclusive=True
     )
@@ -118,6 +117,16 @@ def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
             "setting amp is true but no GPU is available: MONAI's trainer autocasts on CUDA "
             "only; give --amp false to train on the CPU."
         )
+    return checked
+
+
+def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings checked and converted (flags to bool, subjects to folder names).
+
+    Adds ``subject_folders`` (the dataset's subject folders used) and ``record`` (what
+    ``runs/settings.json`` holds for these settings). Reads only ``preprocessing.json`` files.
+    """
+    checked = check_values(settings)
     if checked["resume"] and checked["overwrite"]:
         raise InputError(
             "settings resume and overwrite are both true: give --resume true to continue the "
