@@ -90,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="mni152: add an oedema-like white-matter lesion (subjects synth<index>_lesion)",
     )
     synthetic.add_argument(
+        "--lesion-md-factor",
+        type=float,
+        metavar="F",
+        help=f"with --lesion: the lesion's mean diffusivity over the tissue's "
+        f"(default {mni152.Lesion.md_factor})",
+    )
+    synthetic.add_argument(
+        "--lesion-anisotropy-factor",
+        type=float,
+        metavar="F",
+        help=f"with --lesion: its anisotropic part over the tissue's, 0 to the MD factor "
+        f"(default {mni152.Lesion.anisotropy_factor})",
+    )
+    synthetic.add_argument(
         "--snr", type=float, default=30.0, help="b0 white-matter SNR of the Rician noise; inf: none"
     )
     synthetic.add_argument("--subjects", nargs="+", help=argparse.SUPPRESS)
@@ -121,8 +135,9 @@ def _synthetic(args: argparse.Namespace) -> int:
         raise InputError(f"--start must be at least 0, got {args.start}.")
     if args.snr <= 0:
         raise InputError(f"--snr must be positive (inf for noise-free data), got {args.snr}.")
+    lesion = _lesion(args)
     if args.anatomy == "geometric":
-        if args.voxel_size is not None or args.slab is not None or args.lesion:
+        if args.voxel_size is not None or args.slab is not None or lesion is not None:
             raise InputError("--voxel-size, --slab and --lesion apply to --anatomy mni152 only.")
         shape = tuple(args.shape or DEFAULT_SHAPE)
         if min(shape) < 8:
@@ -140,10 +155,26 @@ def _synthetic(args: argparse.Namespace) -> int:
         grid = mni152.hcp_grid(voxel_size, args.slab)
         mni152.check_nilearn()
         paths = mni152.write_mni152_subjects(
-            args.out, args.count, args.seed, grid, args.snr, args.lesion, start=args.start
+            args.out, args.count, args.seed, grid, args.snr, lesion, start=args.start
         )
     log.info("%d synthetic subjects written under %s", len(paths), args.out)
     return 0
+
+
+def _lesion(args: argparse.Namespace) -> mni152.Lesion | None:
+    """The lesion the options ask for, checked; None without --lesion."""
+    factors = {
+        "md_factor": args.lesion_md_factor,
+        "anisotropy_factor": args.lesion_anisotropy_factor,
+    }
+    given = {name: value for name, value in factors.items() if value is not None}
+    if not args.lesion:
+        if given:
+            raise InputError("--lesion-md-factor and --lesion-anisotropy-factor need --lesion.")
+        return None
+    lesion = mni152.Lesion(**given)
+    lesion.check()
+    return lesion
 
 
 def _hcp(args: argparse.Namespace) -> int:

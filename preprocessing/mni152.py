@@ -26,8 +26,9 @@ The grid is HCP's (145 x 174 x 145 at 1.25 mm, LAS, ``synthetic.hcp_like_affine`
 Signal, acquisition and Rician noise are the geometric generator's (``synthetic.write_phantom``).
 As in HCP's ``T1w/Diffusion/data.nii.gz``, the DWI is zero outside the brain mask dilated by
 two voxels; noisy data are stored to 1/16 of a signal unit (the noise sigma is 33 units at
-SNR 30). An optional lesion (``lesion=True``) is vasogenic-oedema-like white matter in a ball of
-5-8 mm radius centred in deep white matter: MD x 1.8, the anisotropic part halved, S0 x 1.25.
+SNR 30). An optional lesion (``lesion=Lesion()``) is vasogenic-oedema-like white matter in a
+ball of 5-8 mm radius centred in deep white matter: by default MD x 1.8, the anisotropic part
+halved, S0 x 1.25 (``Lesion``'s factors set how far it departs from healthy tissue).
 It is drawn from its own random stream, so a subject with and without the lesion is the same
 subject (same deformation, same noise) everywhere outside ``ground_truth/lesion_mask.nii.gz``.
 
@@ -37,6 +38,7 @@ Files per subject: the HCP layout of the geometric generator plus ``ground_truth
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -82,9 +84,6 @@ FIBRES: dict[str, tuple[float, float]] = {
 #: Membership of the gyral (fallback) population: tract models outweigh it where present.
 GYRAL_MEMBERSHIP = 0.25
 
-LESION_MD_FACTOR = 1.8
-LESION_ANISOTROPY_FACTOR = 0.5
-LESION_S0_FACTOR = 1.25
 LESION_RADIUS_MM = (5.0, 8.0)
 LESION_TAPER_MM = 2.0
 LESION_STREAM = 1  # the lesion's random stream: default_rng([seed, index, LESION_STREAM])
@@ -92,6 +91,38 @@ LESION_STREAM = 1  # the lesion's random stream: default_rng([seed, index, LESIO
 # Mid-sagittal corpus callosum of the ICBM152 2009 WM map: height (z, mm) of its centre at y.
 _CALLOSUM_Y = np.array([-46.0, -40, -35, -30, -25, -15, 0, 10, 15, 20, 25, 30, 36])
 _CALLOSUM_Z = np.array([10.0, 14, 17, 21, 23, 24, 22.5, 22, 18.5, 12, 7.5, 5, 4])
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """How a lesion alters the white-matter tensors it covers: the mean diffusivity times
+    ``md_factor``, the anisotropic part (tensor minus its mean) times ``anisotropy_factor``, and
+    the b=0 signal times ``s0_factor``. The defaults are vasogenic oedema's."""
+
+    md_factor: float = 1.8
+    anisotropy_factor: float = 0.5
+    s0_factor: float = 1.25
+
+    def check(self) -> None:
+        """Refuse factors that would not give positive-definite tensors and signal."""
+        if not (self.md_factor > 0 and self.s0_factor > 0):
+            raise InputError(
+                f"the lesion's MD and S0 factors must be positive, got {self.md_factor} and "
+                f"{self.s0_factor}."
+            )
+        if not 0 <= self.anisotropy_factor <= self.md_factor:
+            # eigenvalues f*md + a*(l - md) stay positive for every l > 0 when 0 <= a <= f
+            raise InputError(
+                f"the lesion's anisotropy factor must lie between 0 and its MD factor "
+                f"({self.md_factor}) for the tensors to stay positive definite, got "
+                f"{self.anisotropy_factor}."
+            )
+
+    def alter(self, tensors: np.ndarray) -> np.ndarray:
+        """The lesion's tensors (n, 6) in place of healthy ``tensors`` (n, 6)."""
+        md = (tensors[:, 0] + tensors[:, 2] + tensors[:, 5]) / 3
+        isotropic = isotropic_tensors(md)
+        return self.md_factor * isotropic + self.anisotropy_factor * (tensors - isotropic)
 
 
 @dataclass(frozen=True)
@@ -178,11 +209,11 @@ class BrainPhantom:
     data_mask: np.ndarray  # bool: voxels with signal in data.nii.gz
     deformation: Deformation
     lesion_mask: np.ndarray | None  # uint8, voxels the lesion altered
-    lesion: dict | None  # centre_mm (world), radius_mm
+    lesion: dict | None  # centre_mm (world), radius_mm and the Lesion's factors
 
 
 def make_mni152_phantom(
-    grid: Grid, seed: int, index: int = 0, lesion: bool = False
+    grid: Grid, seed: int, index: int = 0, lesion: Lesion | None = None
 ) -> tuple[BrainPhantom, np.random.Generator]:
     """Draw subject ``index`` of ``seed`` on ``grid``; returns it and the generator for noise."""
     rng = np.random.default_rng([int(seed), int(index)])
@@ -211,12 +242,14 @@ def make_mni152_phantom(
     wm_s0 = np.full(len(wm_tensors), S0["wm"])
 
     lesion_mask, lesion_info = None, None
-    if lesion:
+    if lesion is not None:
+        lesion.check()
         lesion_rng = np.random.default_rng([int(seed), int(index), LESION_STREAM])
         weight, lesion_info = _lesion_weight(grid, wm, brain_mask, lesion_rng)
         w = weight[wm_voxels]
-        wm_tensors = (1 - w)[:, None] * wm_tensors + w[:, None] * _oedema(wm_tensors)
-        wm_s0 = wm_s0 * (1 + (LESION_S0_FACTOR - 1) * w)
+        wm_tensors = (1 - w)[:, None] * wm_tensors + w[:, None] * lesion.alter(wm_tensors)
+        wm_s0 = wm_s0 * (1 + (lesion.s0_factor - 1) * w)
+        lesion_info |= dataclasses.asdict(lesion)
         lesion_mask = ((weight > 0) & wm_voxels).astype(np.uint8)
 
     tensors = np.zeros(grid.shape + (6,), dtype=np.float32)
@@ -247,7 +280,7 @@ def write_mni152_subject(
     index: int = 0,
     grid: Grid | None = None,
     snr: float | None = 30.0,
-    lesion: bool = False,
+    lesion: Lesion | None = None,
 ) -> Path:
     """Write one MNI152-based subject in HCP layout under ``root``; returns its folder."""
     grid = grid or hcp_grid()
@@ -288,11 +321,11 @@ def write_mni152_subjects(
     seed: int,
     grid: Grid | None = None,
     snr: float | None = 30.0,
-    lesion: bool = False,
+    lesion: Lesion | None = None,
     start: int = 0,
 ) -> list[Path]:
     """Write ``count`` subjects ``synth<start>``, ... (``_lesion`` appended with a lesion)."""
-    suffix = "_lesion" if lesion else ""
+    suffix = "" if lesion is None else "_lesion"
     return [
         write_mni152_subject(out, f"synth{index:03d}{suffix}", seed, index, grid, snr, lesion)
         for index in range(int(start), int(start) + int(count))
@@ -492,13 +525,6 @@ def _lesion_weight(
     weight = np.where(distance < radius, taper, 0.0) * brain_mask
     centre_mm = _apply(grid.affine, centre[None].astype(float))[0]
     return weight, {"centre_mm": [round(float(c), 3) for c in centre_mm], "radius_mm": radius}
-
-
-def _oedema(tensors: np.ndarray) -> np.ndarray:
-    """Oedema-like tensors (n, 6): MD x LESION_MD_FACTOR, anisotropic part x its factor."""
-    md = (tensors[:, 0] + tensors[:, 2] + tensors[:, 5]) / 3
-    isotropic = isotropic_tensors(md)
-    return LESION_MD_FACTOR * isotropic + LESION_ANISOTROPY_FACTOR * (tensors - isotropic)
 
 
 # --- geometry helpers ------------------------------------------------------------------------

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tiny_bundle import write_tiny_models
 
-from monai_iqt.benchmark.lesion import LESION_MASK, voxel_rms
+from monai_iqt.benchmark.lesion import LESION_MASK
 from monai_iqt.data.subjects import load_subject
 from monai_iqt.evaluation import lr_brain_region
 from monai_iqt.inferers import make_inferer
@@ -27,12 +27,12 @@ def _run(*argv: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_lesion_sigma_table_matches_the_inferer_and_draws_both_maps(tmp_path: Path) -> None:
+def test_lesion_table_matches_the_inferer_and_draws_both_maps(tmp_path: Path) -> None:
     raw, pre = tmp_path / "raw", tmp_path / "pre"
-    for extra in ([], ["--lesion"]):
+    for extra in ([], ["--lesion", "--lesion-md-factor", "3"]):
         made = _run(
             "preprocessing", "synthetic", "--anatomy", "mni152", "--voxel-size", "2.5",
-            "--out", str(raw), "--count", "1", "--seed", "3", *extra,
+            "--out", str(raw), "--count", "2", "--seed", "3", *extra,
         )  # fmt: skip
         assert made.returncode == 0, made.stderr
     done = _run("preprocessing", "hcp", "--hcp-root", str(raw), "--out", str(pre), "--no-progress")
@@ -41,36 +41,50 @@ def test_lesion_sigma_table_matches_the_inferer_and_draws_both_maps(tmp_path: Pa
     figure = tmp_path / "lesion.png"
     run = _run(
         "monai_iqt.benchmark", "lesion", "--dataset_dir", str(pre), "--raw_dir", str(raw),
-        "--subject", "synth000", "--model_path", str(model), "--normalisation_path", str(stats),
-        "--figure", str(figure),
+        "--subjects", "synth000", "synth001", "--model_path", str(model),
+        "--normalisation_path", str(stats), "--figure", str(figure),
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert figure.stat().st_size > 10_000
-    # independent recomputation of the lesion-free twin's mean sigma inside the lesion
+    lines = [line for line in run.stdout.splitlines() if line.startswith("| synth00")]
+    printed = [[float(cell) for cell in line.strip("| ").split(" | ")[1:]] for line in lines]
+    # independent recomputation inside each lesion: sigma, |error| and 2-sigma coverage by hand
     inferer = make_inferer(model, stats, device="cpu")
-    lesion_hr = read_nifti(raw / "synth000_lesion" / LESION_MASK)[0] > 0
-    sigmas = []
-    for name in ("synth000", "synth000_lesion"):
-        subject = load_subject(pre / name)
-        _, std = inferer.predict_with_std(
-            subject.dt_lr, lr_brain_region(subject.mask_hr, subject.upscale_factor)
-        )
-        inside = lesion_hr[tuple(slice(0, n) for n in subject.mask_hr.shape)] & subject.mask_hr
-        assert inside.sum() > 0
-        sigmas.append(float(voxel_rms(std)[inside].mean()))
-    rows = re.findall(r"^\| (synth000\S*) \| ([\d.]+) \|", run.stdout, flags=re.M)
-    assert [name for name, _ in rows] == ["synth000", "synth000_lesion"]
-    for (_, printed), sigma in zip(rows, sigmas, strict=True):
-        assert float(printed) == pytest.approx(sigma / 1e-5, abs=0.006)
-    ratio = float(re.search(r"σ ratio in the lesion .*: ([\d.]+)", run.stdout).group(1))
-    assert ratio == pytest.approx(sigmas[1] / sigmas[0], abs=0.006)
+    expected = []
+    for subject in ("synth000", "synth001"):
+        lesion_hr = read_nifti(raw / f"{subject}_lesion" / LESION_MASK)[0] > 0
+        values = {}
+        for name in (subject, f"{subject}_lesion"):
+            data = load_subject(pre / name)
+            mean, std = inferer.predict_with_std(
+                data.dt_lr, lr_brain_region(data.mask_hr, data.upscale_factor)
+            )
+            inside = lesion_hr[: mean.shape[0], : mean.shape[1], : mean.shape[2]] & data.mask_hr
+            error = np.abs(mean - data.dt_hr)[inside]
+            values[name] = (
+                inside.sum(),
+                np.sqrt(np.mean(std[inside] ** 2, axis=1)).mean() / 1e-5,
+                np.sqrt(np.mean(error**2, axis=1)).mean() / 1e-5,
+                np.mean(error <= 2 * std[inside]),
+            )
+        (voxels, s0, e0, c0), (_, s1, e1, c1) = values.values()
+        assert voxels > 0
+        expected.append([voxels, s0, s1, s1 / s0, e0, e1, e1 / e0, None, c0, c1])
+    assert len(printed) == 2
+    for row, oracle in zip(printed, expected, strict=True):
+        for value, wanted in zip(row, oracle, strict=True):
+            if wanted is not None:
+                assert value == pytest.approx(wanted, abs=0.006)
+    mean_row = next(line for line in run.stdout.splitlines() if line.startswith("| mean |"))
+    ratio_mean = float(mean_row.split(" | ")[4])
+    assert ratio_mean == pytest.approx((expected[0][3] + expected[1][3]) / 2, abs=0.006)
 
 
 def test_a_model_without_uncertainty_is_refused(tmp_path: Path) -> None:
     model, stats = write_tiny_models(tmp_path / "models")
     run = _run(
         "monai_iqt.benchmark", "lesion", "--dataset_dir", str(tmp_path), "--raw_dir",
-        str(tmp_path), "--subject", "s", "--model_path", str(model), "--normalisation_path",
+        str(tmp_path), "--subjects", "s", "--model_path", str(model), "--normalisation_path",
         str(stats),
     )  # fmt: skip
     assert run.returncode == 2

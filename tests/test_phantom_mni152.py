@@ -23,13 +23,14 @@ from dipy.reconst.dti import (
     decompose_tensor,
     fractional_anisotropy,
     from_lower_triangular,
+    lower_triangular,
     mean_diffusivity,
 )
 from scipy import ndimage
 
 from preprocessing.__main__ import main
 from preprocessing.mni152 import (
-    LESION_MD_FACTOR,
+    Lesion,
     hcp_grid,
     make_mni152_phantom,
     write_mni152_subject,
@@ -69,7 +70,8 @@ def slab_subjects(tmp_path_factory):
     return {
         "clean": write_mni152_subject(root, "clean", SEED, 1, grid, snr=None),
         "noisy": write_mni152_subject(root, "noisy", SEED, 1, grid, snr=30.0),
-        "lesion": write_mni152_subject(root, "lesion", SEED, 1, grid, snr=30.0, lesion=True),
+        "lesion": write_mni152_subject(root, "lesion", SEED, 1, grid, snr=30.0, lesion=Lesion()),
+        "cyst": write_mni152_subject(root, "cyst", SEED, 1, grid, None, Lesion(3.5, 0.0)),
     }
 
 
@@ -193,7 +195,7 @@ def test_lesion_changes_md_inside_its_mask_only(slab_subjects):
     before, after = md(plain), md(lesioned)
     assert np.array_equal(before[~inside], after[~inside])
     ratio = after[inside] / before[inside]
-    assert np.all(ratio > 1) and LESION_MD_FACTOR - 0.1 < ratio.max() <= LESION_MD_FACTOR + 1e-4
+    assert np.all(ratio > 1) and Lesion.md_factor - 0.1 < ratio.max() <= Lesion.md_factor + 1e-4
     # Same subject and the same noise everywhere else: a lesion-free twin to compare with.
     data_plain = _load(plain, "T1w", "Diffusion", "data.nii.gz").get_fdata(dtype=np.float32)
     data_lesion = _load(lesioned, "T1w", "Diffusion", "data.nii.gz").get_fdata(dtype=np.float32)
@@ -201,6 +203,36 @@ def test_lesion_changes_md_inside_its_mask_only(slab_subjects):
     assert not np.array_equal(data_plain[inside], data_lesion[inside])
     record = json.loads((lesioned / "ground_truth" / "phantom.json").read_text())
     assert 5 <= record["lesion"]["radius_mm"] <= 8 and record["anatomy"] == "mni152"
+    assert record["lesion"]["md_factor"] == Lesion.md_factor
+
+
+def test_lesion_factors_set_its_tensors(slab_subjects):
+    """Eigenvalues l become f * MD + a * (l - MD); an isotropic cyst (MD x 3.5) in the phantom."""
+    rng = np.random.default_rng(0)
+    healthy = np.sort(rng.uniform(0.2e-3, 1.8e-3, (50, 3)), axis=1)
+    rotations = np.linalg.qr(rng.normal(size=(50, 3, 3)))[0]
+    matrices = rotations @ (healthy[:, :, None] * np.swapaxes(rotations, 1, 2))
+    tensors = lower_triangular(matrices)
+    md = healthy.mean(axis=1, keepdims=True)
+    for lesion in (Lesion(), Lesion(3.5, 0.0), Lesion(2.0, 2.0)):
+        altered = np.linalg.eigvalsh(from_lower_triangular(lesion.alter(tensors)))
+        expected = lesion.md_factor * md + lesion.anisotropy_factor * (healthy - md)
+        np.testing.assert_allclose(altered, expected, rtol=1e-9, atol=1e-15)
+
+    clean, cyst = slab_subjects["clean"], slab_subjects["cyst"]
+    inside = _load(cyst, "ground_truth", "lesion_mask.nii.gz").get_fdata() > 0
+
+    def md_of(subject):
+        tensors = _load(subject, "ground_truth", "dt_hr.nii.gz").get_fdata()[inside]
+        return mean_diffusivity(np.linalg.eigvalsh(from_lower_triangular(tensors)))
+
+    ratio = md_of(cyst) / md_of(clean)
+    assert np.all(ratio > 1) and 3.0 < ratio.max() <= 3.5 + 1e-4
+    record = json.loads((cyst / "ground_truth" / "phantom.json").read_text())
+    assert record["lesion"] | {"centre_mm": 0, "radius_mm": 0} == {
+        "centre_mm": 0, "radius_mm": 0, "md_factor": 3.5, "anisotropy_factor": 0.0,
+        "s0_factor": Lesion.s0_factor,
+    }  # fmt: skip
 
 
 def test_grid_is_hcp_las_with_the_requested_voxels(slab_subjects):
@@ -263,6 +295,12 @@ def _run(argv: list[str]) -> tuple[int, str]:
         (["--anatomy", "mni152", "--slab", "20", "24"], "at least 8 slices"),
         (["--anatomy", "mni152", "--shape", "16", "16", "16"], "--shape applies to"),
         (["--lesion"], "apply to --anatomy mni152 only"),
+        (["--anatomy", "mni152", "--lesion-md-factor", "2"], "need --lesion"),
+        (["--anatomy", "mni152", "--lesion", "--lesion-md-factor", "0"], "must be positive"),
+        (
+            ["--anatomy", "mni152", "--lesion", "--lesion-anisotropy-factor", "2"],
+            "between 0 and its MD factor (1.8)",
+        ),
         (["--voxel-size", "2"], "apply to --anatomy mni152 only"),
     ],
 )

@@ -1,14 +1,17 @@
-"""Does the predicted uncertainty flag what training never saw? A lesion against its twin.
+"""Does the predicted uncertainty flag what training never saw? Lesions against their twins.
 
 ``python -m preprocessing synthetic --anatomy mni152 --lesion`` writes ``synth<i>_lesion``: the
-subject ``synth<i>`` with an oedema-like white-matter lesion (``ground_truth/lesion_mask``) and
-identical everywhere else. Both are preprocessed; this command super-resolves both with an
-uncertainty model and compares the mean predicted standard deviation inside the lesion with
-the same voxels of the lesion-free twin, and the error there, and draws the two sigma maps.
+subject ``synth<i>`` with a white-matter lesion (``ground_truth/lesion_mask``; oedema-like by
+default, ``--lesion-md-factor`` and ``--lesion-anisotropy-factor`` set how unlike healthy
+tissue it is) and identical everywhere else. Both are preprocessed; this command super-resolves
+each pair with an uncertainty model and compares, inside the lesion, the mean predicted
+standard deviation and the mean error with the same voxels of the lesion-free twin. It also
+prints the cubic B-spline's error there and the fraction of elements within 2σ, and draws the
+two sigma maps of the first pair.
 
-    python -m monai_iqt.benchmark lesion --dataset_dir PRE --raw_dir RAW --subject synth006 \
-        --model_path models/model.pt --normalisation_path models/normalisation.json \
-        --mc_samples 8 --figure lesion_sigma.png
+    python -m monai_iqt.benchmark lesion --dataset_dir PRE --raw_dir RAW \
+        --subjects synth006 synth007 --model_path models/model.pt \
+        --normalisation_path models/normalisation.json --mc_samples 8 --figure lesion_sigma.png
 """
 
 from __future__ import annotations
@@ -21,28 +24,82 @@ import numpy as np
 from monai_iqt import figures
 from monai_iqt.data.subjects import load_subject
 from monai_iqt.evaluation import lr_brain_region
-from monai_iqt.inferers import make_inferer
+from monai_iqt.inferers import WholeBrainInferer, make_inferer
+from monai_iqt.metrics import RMSE_UNIT, coverage, interpolate_lr, voxel_rms
 from preprocessing.io import read_nifti
 
 LESION_MASK = Path("ground_truth") / "lesion_mask.nii.gz"
+COLUMNS = (
+    "subject",
+    "lesion voxels",
+    "σ twin",
+    "σ lesion",
+    "σ ratio",
+    "error twin",
+    "error lesion",
+    "error ratio",
+    "cubic error lesion",
+    "within 2σ twin",
+    "within 2σ lesion",
+)
 
 
-def voxel_rms(volume: np.ndarray) -> np.ndarray:
-    """Per-voxel RMS over the 6 tensor elements."""
-    return np.sqrt(np.mean(np.square(volume), axis=-1))
+def compare_twins(
+    inferer: WholeBrainInferer, dataset_dir: Path, raw_dir: Path, subject: str
+) -> tuple[dict, dict[str, np.ndarray], np.ndarray]:
+    """One row of the table for ``subject`` and ``<subject>_lesion``; also both sigma maps
+    (HR, per-voxel RMS over the 6 elements) and the HR affine, for the figure."""
+    lesion_id = f"{subject}_lesion"
+    lesion_hr = read_nifti(raw_dir / lesion_id / LESION_MASK)[0] > 0
+    row: dict = {"subject": subject}
+    sigmas = {}
+    for name, suffix in ((subject, "twin"), (lesion_id, "lesion")):
+        data = load_subject(dataset_dir / name)
+        region = lr_brain_region(data.mask_hr, data.upscale_factor)
+        mean, std = inferer.predict_with_std(data.dt_lr, region)
+        inside = lesion_hr[tuple(slice(0, n) for n in data.mask_hr.shape)] & data.mask_hr
+        sigmas[name] = voxel_rms(std)
+        row["lesion voxels"] = int(inside.sum())
+        row[f"σ {suffix}"] = float(sigmas[name][inside].mean()) / RMSE_UNIT
+        error = mean - data.dt_hr
+        row[f"error {suffix}"] = float(voxel_rms(error)[inside].mean()) / RMSE_UNIT
+        row[f"within 2σ {suffix}"] = coverage(error, std, 2.0, inside)
+        if suffix == "lesion":
+            cubic = interpolate_lr(data.dt_lr, data.upscale_factor, "cubic")
+            cubic = cubic[tuple(slice(0, n) for n in data.mask_hr.shape)] - data.dt_hr
+            row["cubic error lesion"] = float(voxel_rms(cubic)[inside].mean()) / RMSE_UNIT
+    row["σ ratio"] = row["σ lesion"] / row["σ twin"]
+    row["error ratio"] = row["error lesion"] / row["error twin"]
+    return row, sigmas, data.header.hr_affine
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one row per twin pair, then the mean of every column over the pairs."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    means = {"subject": "mean"} | {c: float(np.mean([r[c] for r in rows])) for c in COLUMNS[1:]}
+    for row in [*rows, means] if len(rows) > 1 else rows:
+        cells = [row["subject"], f"{row['lesion voxels']:.0f}"]
+        cells += [f"{row[c]:.2f}" for c in COLUMNS[2:9]]
+        cells += [f"{row[c]:.3f}" for c in COLUMNS[9:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m monai_iqt.benchmark lesion", description=__doc__
+        prog="python -m monai_iqt.benchmark lesion",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--dataset_dir", required=True, help="preprocessed subjects")
     parser.add_argument("--raw_dir", required=True, help="the synthetic HCP root (lesion masks)")
-    parser.add_argument("--subject", required=True, help="lesion-free subject; <id>_lesion too")
+    parser.add_argument(
+        "--subjects", required=True, nargs="+", help="lesion-free subjects; <id>_lesion too"
+    )
     parser.add_argument("--model_path", required=True)
     parser.add_argument("--normalisation_path", required=True)
     parser.add_argument("--mc_samples", type=int, default=1)
-    parser.add_argument("--figure", help="PNG of both sigma maps through the lesion centre")
+    parser.add_argument("--figure", help="PNG of the first pair's sigma maps through its lesion")
     args = parser.parse_args(argv)
 
     inferer = make_inferer(
@@ -50,45 +107,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not inferer.gives_std:
         parser.error(f"{args.model_path} predicts no uncertainty (no variance head, no dropout)")
-    lesion_id = f"{args.subject}_lesion"
-    lesion_hr = read_nifti(Path(args.raw_dir) / lesion_id / LESION_MASK)[0] > 0
-    results, sigmas = {}, {}
-    for name in (args.subject, lesion_id):
-        subject = load_subject(Path(args.dataset_dir) / name)
-        region = lr_brain_region(subject.mask_hr, subject.upscale_factor)
-        mean, std = inferer.predict_with_std(subject.dt_lr, region)
-        lesion = lesion_hr[tuple(slice(0, n) for n in subject.mask_hr.shape)] & subject.mask_hr
-        sigma = voxel_rms(std)
-        error = voxel_rms(mean - subject.dt_hr)
-        sigmas[name] = sigma
-        results[name] = {
-            "sigma_lesion": float(sigma[lesion].mean()),
-            "error_lesion": float(error[lesion].mean()),
-            "sigma_brain": float(sigma[subject.mask_hr].mean()),
-            "voxels": int(lesion.sum()),
-        }
-        affine = subject.header.hr_affine
-    clean, lesioned = results[args.subject], results[lesion_id]
-    print(f"lesion voxels (HR, in the brain mask): {lesioned['voxels']}")
-    print("| subject | mean σ in lesion | mean |error| in lesion | mean σ in brain |")
-    print("|---|---|---|---|")
-    for name, row in results.items():
-        print(
-            f"| {name} | {row['sigma_lesion'] / 1e-5:.2f} | {row['error_lesion'] / 1e-5:.2f} "
-            f"| {row['sigma_brain'] / 1e-5:.2f} |"
+    rows = []
+    for index, subject in enumerate(args.subjects):
+        row, sigmas, affine = compare_twins(
+            inferer, Path(args.dataset_dir), Path(args.raw_dir), subject
         )
-    ratio = lesioned["sigma_lesion"] / clean["sigma_lesion"]
-    print(f"σ ratio in the lesion (lesion / lesion-free twin): {ratio:.2f}  (units 1e-5 mm^2/s)")
-    if args.figure:
-        z = int(np.argmax(lesion_hr.sum(axis=(0, 1))))
-        figures.uncertainty_figure(
-            sigmas[args.subject],
-            sigmas[lesion_id],
-            z,
-            affine,
-            Path(args.figure),
-            f"predicted σ: {args.subject} (left) and with a lesion (right), σ ratio {ratio:.2f}",
-            names=("σ, lesion-free", "σ, with lesion"),
-        )
-        print(f"wrote {args.figure}")
+        rows.append(row)
+        if index == 0 and args.figure:
+            lesion_hr = read_nifti(Path(args.raw_dir) / f"{subject}_lesion" / LESION_MASK)[0]
+            z = int(np.argmax(lesion_hr.sum(axis=(0, 1))))
+            figures.uncertainty_figure(
+                *sigmas.values(),
+                z,
+                affine,
+                Path(args.figure),
+                f"predicted σ: {subject} (left) and with a lesion (right), "
+                f"σ ratio {row['σ ratio']:.2f}",
+                names=("σ, lesion-free", "σ, with lesion"),
+            )
+            print(f"wrote {args.figure}")
+    print("inside each lesion (HR brain voxels); σ and error (prediction - truth): mean per-voxel")
+    print("RMS over the 6 elements in 1e-5 mm^2/s; ratios: lesion / lesion-free twin, same voxels")
+    print(table(rows))
     return 0
