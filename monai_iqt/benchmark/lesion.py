@@ -6,7 +6,7 @@ default, ``--lesion-md-factor`` and ``--lesion-anisotropy-factor`` set how unlik
 tissue it is) and identical everywhere else. Both are preprocessed; this command super-resolves
 each pair with an uncertainty model and compares, inside the lesion, the mean predicted
 standard deviation and the mean error with the same voxels of the lesion-free twin. It also
-prints the cubic B-spline's error there and the fraction of elements within 2σ, and draws the
+prints the cubic B-spline's errors there and the fraction of elements within 2σ, and draws the
 two sigma maps of the first pair.
 
     python -m monai_iqt.benchmark lesion --dataset_dir PRE --raw_dir RAW \
@@ -38,6 +38,7 @@ COLUMNS = (
     "error twin",
     "error lesion",
     "error ratio",
+    "cubic error twin",
     "cubic error lesion",
     "within 2σ twin",
     "within 2σ lesion",
@@ -64,10 +65,9 @@ def compare_twins(
         error = mean - data.dt_hr
         row[f"error {suffix}"] = float(voxel_rms(error)[inside].mean()) / RMSE_UNIT
         row[f"within 2σ {suffix}"] = coverage(error, std, 2.0, inside)
-        if suffix == "lesion":
-            cubic = interpolate_lr(data.dt_lr, data.upscale_factor, "cubic")
-            cubic = cubic[tuple(slice(0, n) for n in data.mask_hr.shape)] - data.dt_hr
-            row["cubic error lesion"] = float(voxel_rms(cubic)[inside].mean()) / RMSE_UNIT
+        cubic = interpolate_lr(data.dt_lr, data.upscale_factor, "cubic")
+        cubic = cubic[tuple(slice(0, n) for n in data.mask_hr.shape)] - data.dt_hr
+        row[f"cubic error {suffix}"] = float(voxel_rms(cubic)[inside].mean()) / RMSE_UNIT
     row["σ ratio"] = row["σ lesion"] / row["σ twin"]
     row["error ratio"] = row["error lesion"] / row["error twin"]
     return row, sigmas, data.header.hr_affine
@@ -79,8 +79,8 @@ def table(rows: list[dict]) -> str:
     means = {"subject": "mean"} | {c: float(np.mean([r[c] for r in rows])) for c in COLUMNS[1:]}
     for row in [*rows, means] if len(rows) > 1 else rows:
         cells = [row["subject"], f"{row['lesion voxels']:.0f}"]
-        cells += [f"{row[c]:.2f}" for c in COLUMNS[2:9]]
-        cells += [f"{row[c]:.3f}" for c in COLUMNS[9:]]
+        cells += [f"{row[c]:.2f}" for c in COLUMNS[2:10]]
+        cells += [f"{row[c]:.3f}" for c in COLUMNS[10:]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
