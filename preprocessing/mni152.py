@@ -105,10 +105,10 @@ class Lesion:
 
     def check(self) -> None:
         """Refuse factors that would not give positive-definite tensors and signal."""
-        if not (self.md_factor > 0 and self.s0_factor > 0):
+        if not all(0 < f < math.inf for f in (self.md_factor, self.s0_factor)):
             raise InputError(
-                f"the lesion's MD and S0 factors must be positive, got {self.md_factor} and "
-                f"{self.s0_factor}."
+                f"the lesion's MD and S0 factors must be positive and finite, got "
+                f"{self.md_factor} and {self.s0_factor}."
             )
         if not 0 <= self.anisotropy_factor <= self.md_factor:
             # eigenvalues f*md + a*(l - md) stay positive for every l > 0 when 0 <= a <= f

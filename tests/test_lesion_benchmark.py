@@ -89,3 +89,30 @@ def test_a_model_without_uncertainty_is_refused(tmp_path: Path) -> None:
     )  # fmt: skip
     assert run.returncode == 2
     assert "predicts no uncertainty" in run.stderr.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_a_missing_twin_is_one_sentence_before_any_inference(tmp_path: Path) -> None:
+    raw, pre = tmp_path / "raw", tmp_path / "pre"
+    made = _run(
+        "preprocessing", "synthetic", "--anatomy", "mni152", "--voxel-size", "2.5",
+        "--slab", "30", "40", "--out", str(raw), "--count", "1", "--seed", "3",
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    done = _run("preprocessing", "hcp", "--hcp-root", str(raw), "--out", str(pre), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    model, stats = write_tiny_models(tmp_path / "models", predict_variance=True)
+    argv = ["monai_iqt.benchmark", "lesion", "--dataset_dir", str(pre), "--raw_dir", str(raw)]
+    argv += ["--model_path", str(model), "--normalisation_path", str(stats)]
+    figure = tmp_path / "lesion.png"
+    # the lesion twin was never preprocessed
+    run = _run(*argv, "--subjects", "synth000", "--figure", str(figure))
+    assert run.returncode == 2 and run.stderr.startswith("error: "), run.stderr
+    assert run.stderr.count("\n") == 1 and "synth000_lesion" in run.stderr
+    assert not figure.exists()
+    # preprocessed, but the raw folder lacks its lesion mask
+    (pre / "synth000_lesion").symlink_to(pre / "synth000")
+    run = _run(*argv, "--subjects", "synth000", "--figure", str(figure))
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert "lesion_mask.nii.gz is missing" in run.stderr and "--lesion" in run.stderr
+    assert not figure.exists()

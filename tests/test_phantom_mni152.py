@@ -297,6 +297,7 @@ def _run(argv: list[str]) -> tuple[int, str]:
         (["--lesion"], "apply to --anatomy mni152 only"),
         (["--anatomy", "mni152", "--lesion-md-factor", "2"], "need --lesion"),
         (["--anatomy", "mni152", "--lesion", "--lesion-md-factor", "0"], "must be positive"),
+        (["--anatomy", "mni152", "--lesion", "--lesion-md-factor", "inf"], "must be positive"),
         (
             ["--anatomy", "mni152", "--lesion", "--lesion-anisotropy-factor", "2"],
             "between 0 and its MD factor (1.8)",

@@ -17,16 +17,17 @@ two sigma maps of the first pair.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from monai_iqt import figures
-from monai_iqt.data.subjects import load_subject
+from monai_iqt.data.subjects import inspect_subject, load_subject
 from monai_iqt.evaluation import lr_brain_region
 from monai_iqt.inferers import WholeBrainInferer, make_inferer
 from monai_iqt.metrics import RMSE_UNIT, coverage, interpolate_lr, voxel_rms
-from preprocessing.io import read_nifti
+from preprocessing.io import InputError, read_nifti
 
 LESION_MASK = Path("ground_truth") / "lesion_mask.nii.gz"
 COLUMNS = (
@@ -43,6 +44,19 @@ COLUMNS = (
     "within 2σ twin",
     "within 2σ lesion",
 )
+
+
+def check_twins(dataset_dir: Path, raw_dir: Path, subjects: list[str]) -> None:
+    """Every pair's preprocessed subjects and lesion mask, before any inference."""
+    for subject in subjects:
+        for name in (subject, f"{subject}_lesion"):
+            inspect_subject(dataset_dir / name)
+        mask = raw_dir / f"{subject}_lesion" / LESION_MASK
+        if not mask.is_file():
+            raise InputError(
+                f"{mask} is missing: --raw_dir must hold the lesion twin written by "
+                "`python -m preprocessing synthetic --anatomy mni152 --lesion`."
+            )
 
 
 def compare_twins(
@@ -102,11 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figure", help="PNG of the first pair's sigma maps through its lesion")
     args = parser.parse_args(argv)
 
-    inferer = make_inferer(
-        args.model_path, args.normalisation_path, device="cpu", mc_samples=args.mc_samples
-    )
-    if not inferer.gives_std:
-        parser.error(f"{args.model_path} predicts no uncertainty (no variance head, no dropout)")
+    try:
+        inferer = make_inferer(
+            args.model_path, args.normalisation_path, device="cpu", mc_samples=args.mc_samples
+        )
+        if not inferer.gives_std:
+            raise InputError(
+                f"{args.model_path} predicts no uncertainty (no variance head, no dropout)."
+            )
+        check_twins(Path(args.dataset_dir), Path(args.raw_dir), args.subjects)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     rows = []
     for index, subject in enumerate(args.subjects):
         row, sigmas, affine = compare_twins(
