@@ -24,9 +24,9 @@ import numpy as np
 
 from monai_iqt import figures
 from monai_iqt.data.subjects import inspect_subject, load_subject
-from monai_iqt.evaluation import lr_brain_region
+from monai_iqt.evaluation import BASELINE_NAMES, predict_subject
 from monai_iqt.inferers import WholeBrainInferer, make_inferer
-from monai_iqt.metrics import RMSE_UNIT, coverage, interpolate_lr, voxel_rms
+from monai_iqt.metrics import RMSE_UNIT, coverage, voxel_rms
 from preprocessing.io import InputError, read_nifti
 
 LESION_MASK = Path("ground_truth") / "lesion_mask.nii.gz"
@@ -70,18 +70,17 @@ def compare_twins(
     sigmas = {}
     for name, suffix in ((subject, "twin"), (lesion_id, "lesion")):
         data = load_subject(dataset_dir / name)
-        region = lr_brain_region(data.mask_hr, data.upscale_factor)
-        mean, std = inferer.predict_with_std(data.dt_lr, region)
+        predictions = predict_subject(data, {"model": inferer}, ["cubic"])
+        model, cubic = predictions["model"], predictions[BASELINE_NAMES["cubic"]]
         inside = lesion_hr[tuple(slice(0, n) for n in data.mask_hr.shape)] & data.mask_hr
-        sigmas[name] = voxel_rms(std)
+        sigmas[name] = voxel_rms(model.std)
+        error = model.mean - data.dt_hr
         row["lesion voxels"] = int(inside.sum())
         row[f"σ {suffix}"] = float(sigmas[name][inside].mean()) / RMSE_UNIT
-        error = mean - data.dt_hr
         row[f"error {suffix}"] = float(voxel_rms(error)[inside].mean()) / RMSE_UNIT
-        row[f"within 2σ {suffix}"] = coverage(error, std, 2.0, inside)
-        cubic = interpolate_lr(data.dt_lr, data.upscale_factor, "cubic")
-        cubic = cubic[tuple(slice(0, n) for n in data.mask_hr.shape)] - data.dt_hr
-        row[f"cubic error {suffix}"] = float(voxel_rms(cubic)[inside].mean()) / RMSE_UNIT
+        row[f"within 2σ {suffix}"] = coverage(error, model.std, 2.0, inside)
+        cubic_error = voxel_rms(cubic.mean - data.dt_hr)
+        row[f"cubic error {suffix}"] = float(cubic_error[inside].mean()) / RMSE_UNIT
     row["σ ratio"] = row["σ lesion"] / row["σ twin"]
     row["error ratio"] = row["error lesion"] / row["error twin"]
     return row, sigmas, data.header.hr_affine
