@@ -290,9 +290,7 @@ def refuse_unknown_settings(argv: Sequence[str] | None = None) -> None:
         | _tracking_ids(arguments.get("tracking"))
     )
     unknown = [
-        name
-        for name in arguments
-        if name not in monai_arguments and _root_id(name) not in accepted
+        name for name in arguments if name not in monai_arguments and _root_id(name) not in accepted
     ]
     if unknown:
         raise InputError(unknown_settings_sentence(unknown, accepted, config_files))

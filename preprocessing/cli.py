@@ -15,7 +15,7 @@ from typing import Any
 
 
 def nearest(name: str, candidates: Iterable[str]) -> str | None:
-    """The candidate closest to ``name`` (``difflib.get_close_matches``), or None if none is close."""
+    """The candidate closest to ``name`` (``difflib.get_close_matches``); None if none is close."""
     matches = difflib.get_close_matches(name, sorted(set(candidates)), n=1)
     return matches[0] if matches else None
 
