@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from preprocessing import mni152
+from preprocessing import cli, mni152
 from preprocessing.hcp import PreprocessingOptions, preprocess_hcp
 from preprocessing.io import InputError
 from preprocessing.synthetic import DEFAULT_SHAPE, VOXEL_SIZE_MM, write_synthetic_subjects
@@ -20,7 +20,7 @@ log = logging.getLogger("preprocessing")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m preprocessing",
         description="HCP diffusion data to paired LR/HR DTI volumes (DIPY); synthetic subjects.",
     )

@@ -10,7 +10,6 @@ process and reports that process's wall time, user/system CPU time and peak RSS 
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from preprocessing import cli
 from preprocessing.hcp import DIFFUSION_SUBDIR
 from preprocessing.layout import RECORD_NAME
 from preprocessing.synthetic import HCP_SHAPE, write_synthetic_subject
@@ -52,7 +52,7 @@ def run_preprocessing(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m preprocessing.benchmark", description=__doc__)
+    parser = cli.ArgumentParser(prog="python -m preprocessing.benchmark", description=__doc__)
     parser.add_argument("--workdir", help="keep/reuse the HCP-size subject here (default: temp)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fit-workers", type=int, help="passed on (default: one per core)")

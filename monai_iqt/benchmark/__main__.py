@@ -3,6 +3,8 @@
 import importlib
 import sys
 
+from preprocessing.cli import nearest
+
 BENCHMARKS = {
     "memory": "memory and time of one training step, ESPCN vs ESPCN-RN-N, both modes (Fig. 6)",
     "inference": "whole-brain inference: sliding windows, whole volume, 11^3 patch stitching",
@@ -21,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not argv or argv[0] not in BENCHMARKS:
         print(USAGE, file=sys.stderr)
+        if argv:
+            match = nearest(argv[0], BENCHMARKS)
+            hint = f"; the nearest benchmark is {match}" if match else ""
+            print(f"error: unknown benchmark {argv[0]}{hint}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"monai_iqt.benchmark.{argv[0]}")
     return int(module.main(argv[1:]) or 0)

@@ -31,6 +31,7 @@ from monai_iqt.data.normalise import NormalisationStats
 from monai_iqt.inferers import DEFAULT_ROI_SIZE, HaloExactInferer, WholeBrainInferer
 from monai_iqt.networks import ESPCN_RN
 from monai_iqt.weights import file_sha256
+from preprocessing import cli
 
 METHODS = ("whole_volume", "sliding_window", "patches_11")
 
@@ -167,9 +168,7 @@ def dwi_peak_rss(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m monai_iqt.benchmark inference", description=__doc__
-    )
+    parser = cli.ArgumentParser(prog="python -m monai_iqt.benchmark inference", description=__doc__)
     parser.add_argument("--shape", type=int, nargs=3, default=(72, 87, 72), help="LR volume")
     parser.add_argument("--num-blocks", type=int, default=0, help="N of ESPCN-RN-N (0: ESPCN)")
     parser.add_argument(

@@ -27,6 +27,7 @@ from monai_iqt.data.subjects import inspect_subject, load_subject
 from monai_iqt.evaluation import BASELINE_NAMES, predict_subject
 from monai_iqt.inferers import WholeBrainInferer, make_inferer
 from monai_iqt.metrics import RMSE_UNIT, coverage, voxel_rms
+from preprocessing import cli
 from preprocessing.io import InputError, read_nifti
 
 LESION_MASK = Path("ground_truth") / "lesion_mask.nii.gz"
@@ -99,7 +100,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m monai_iqt.benchmark lesion",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -28,7 +28,6 @@ alternately in one run (the machine is shared; absolute times are noisy, ratios 
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -44,6 +43,7 @@ from torch import nn
 from monai_iqt.engine.memory import SavedTensorTracker, parameter_storages
 from monai_iqt.networks import ESPCN_RN
 from monai_iqt.networks.espcn import HIDDEN_CHANNELS
+from preprocessing import cli
 
 PATCH = 11
 BATCH = 12
@@ -302,9 +302,7 @@ def _print_table(title: str, results: list[Result], device: torch.device) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m monai_iqt.benchmark memory", description=__doc__
-    )
+    parser = cli.ArgumentParser(prog="python -m monai_iqt.benchmark memory", description=__doc__)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
         "--amp",

@@ -11,13 +11,13 @@ of the median.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
 from monai_iqt.benchmark.memory import Result, make_batch, time_alternating, train_step
 from monai_iqt.networks import ESPCN_RN
+from preprocessing import cli
 
 VARIANTS = ("eager", "compile", "channels_last_3d")
 
@@ -35,7 +35,7 @@ def build(variant: str, num_blocks: int, device: torch.device):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m monai_iqt.benchmark step", description=__doc__)
+    parser = cli.ArgumentParser(prog="python -m monai_iqt.benchmark step", description=__doc__)
     parser.add_argument("--depths", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
