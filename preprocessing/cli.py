@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import sys
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 
 def nearest(name: str, candidates: Iterable[str]) -> str | None:
@@ -20,34 +21,36 @@ def nearest(name: str, candidates: Iterable[str]) -> str | None:
     return matches[0] if matches else None
 
 
-def _option_strings(parser: argparse.ArgumentParser, namespace: argparse.Namespace) -> set[str]:
-    """The options of ``parser`` and of the sub-command the namespace chose, if any."""
-    options = {option for action in parser._actions for option in action.option_strings}
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    """The options of ``parser`` and of all its sub-commands."""
+    options = set()
     for action in parser._actions:
-        chosen = getattr(namespace, action.dest, None) if action.dest else None
-        if isinstance(action.choices, dict) and isinstance(chosen, str):
-            subparser = action.choices.get(chosen)
-            if isinstance(subparser, argparse.ArgumentParser):
-                options |= _option_strings(subparser, namespace)
+        options.update(action.option_strings)
+        if isinstance(action.choices, dict):
+            for subparser in action.choices.values():
+                if isinstance(subparser, argparse.ArgumentParser):
+                    options |= _option_strings(subparser)
     return options
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose unknown-option error names the nearest known option."""
+    """``argparse.ArgumentParser`` whose errors name the nearest known option of every unknown
+    option given (argparse may first report a required option missing: the typo's intent)."""
 
-    def parse_args(  # type: ignore[override]
+    def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: Any = None
-    ) -> argparse.Namespace:
-        parsed, unknown = self.parse_known_args(args, namespace)
-        if unknown:
-            options = _option_strings(self, parsed)
-            hints = []
-            for token in unknown:
-                if token.startswith("-") and len(token) > 1:
-                    option = token.split("=", 1)[0]
-                    match = nearest(option, (o for o in options if o.startswith("--")))
-                    if match is not None:
-                        hints.append(f"the nearest option to {option} is {match}")
-            hint = f"; {', '.join(hints)}" if hints else ""
-            self.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
-        return parsed
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        options = _option_strings(self)
+        hints = []
+        for token in getattr(self, "_given", []):
+            option = token.split("=", 1)[0]
+            if not option.startswith("--") or any(o.startswith(option) for o in options):
+                continue  # a value, a known option or an abbreviation argparse accepts
+            match = nearest(option, (o for o in options if o.startswith("--")))
+            if match is not None:
+                hints.append(f"the nearest option to {option} is {match}")
+        super().error(message + (f"; {', '.join(hints)}" if hints else ""))
