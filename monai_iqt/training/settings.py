@@ -52,6 +52,7 @@ _INTEGERS = {
     "lr_patch_size": 2 * VALID_SHRINK + 1,
     "patches_per_subject": 2,
     "epochs": 1,
+    "val_interval": 1,
     "batch_size": 1,
     "early_stopping_patience": 1,
     "num_restarts": 1,
