@@ -80,7 +80,7 @@ RESUME_KEYS = (
     "dropout_rate",
 )
 #: Settings added after runs were first recorded, and the value older records imply.
-RECORDED_SINCE = {"target_scale": "channel", "target_region": "patch"}
+RECORDED_SINCE = {"target_scale": "channel", "target_region": "patch", "val_interval": 1}
 
 
 def check_values(settings: Mapping[str, Any]) -> dict[str, Any]:
