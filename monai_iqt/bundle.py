@@ -382,15 +382,11 @@ def check_inference_settings(
     as_bool(repair_tensors)
 
 
-def prepare_inference(
-    input: Any,
-    output_dir: Any,
-    mask: Any = None,
-    bvals: Any = None,
-    bvecs: Any = None,
-    tensor_order: str = "dipy",
-) -> tuple[list[Any], dict[str, Path]]:
-    """Validate the output folders, then load and check every input (nothing written yet)."""
+def inference_records(
+    input: Any, output_dir: Any, mask: Any = None, bvals: Any = None, bvecs: Any = None
+) -> list[dict[str, Any]]:
+    """One record per subject to super-resolve (its input files and output folder), after the
+    output folders are checked; nothing is read or written yet."""
     _, inputs, outputs, _ = _inference_api()
     if input is None or str(input) in ("", "None"):
         raise InputError(
@@ -403,22 +399,79 @@ def prepare_inference(
         folders = inputs.discover_inputs(source)
         if not folders:
             raise InputError(f"{source} holds no subject folder with a dt_lr.nii.gz.")
-        targets = {folder.name: output_dir / folder.name for folder in folders}
-        sources = {folder.name: folder / "dt_lr.nii.gz" for folder in folders}
-        outputs.check_output_dir(output_dir, tuple(sources.values()), names={})
-    else:
-        targets = {inputs.stem(source): output_dir}
-        sources = {inputs.stem(source): source}
-    for name, target in targets.items():
-        outputs.check_output_dir(target, (sources[name],))
-    if source.is_dir():
-        items = [
-            inputs.load_input(sources[name], name=name, tensor_order=tensor_order)
-            for name in targets
+        records = [
+            {
+                "name": folder.name,
+                "source": folder / "dt_lr.nii.gz",
+                "target": output_dir / folder.name,
+            }
+            for folder in folders
         ]
+        outputs.check_output_dir(output_dir, tuple(r["source"] for r in records), names={})
     else:
-        items = [inputs.load_input(source, mask, bvals, bvecs, tensor_order=tensor_order)]
-    return items, targets
+        records = [
+            {
+                "name": inputs.stem(source),
+                "source": source,
+                "target": output_dir,
+                "mask": mask,
+                "bvals": bvals,
+                "bvecs": bvecs,
+            }
+        ]
+    for record in records:
+        outputs.check_output_dir(record["target"], (record["source"],))
+    return records
+
+
+class LoadInferenceInput:
+    """The inference ``preprocessing``: a subject record gains ``item``, its validated input
+    (:func:`monai_iqt.inputs.load_input`: a tensor image, or a DWI fitted with DIPY)."""
+
+    def __init__(self, tensor_order: str = "dipy") -> None:
+        self.tensor_order = tensor_order
+
+    def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
+        item = _inference_api()[1].load_input(
+            record["source"],
+            record.get("mask"),
+            record.get("bvals"),
+            record.get("bvecs"),
+            name=record["name"],
+            tensor_order=self.tensor_order,
+        )
+        return {**record, "item": item}
+
+
+@exit_on_bad_input
+def inference_dataset(
+    input: Any,
+    output_dir: Any,
+    mask: Any = None,
+    bvals: Any = None,
+    bvecs: Any = None,
+    transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> Any:
+    """The inference ``dataset``: a MONAI Dataset of the :func:`inference_records`, each loaded
+    by ``transform`` (the ``preprocessing``) when read."""
+    from monai.data import Dataset
+
+    return Dataset(inference_records(input, output_dir, mask, bvals, bvecs), transform=transform)
+
+
+def prepare_inference(
+    input: Any,
+    output_dir: Any,
+    mask: Any = None,
+    bvals: Any = None,
+    bvecs: Any = None,
+    tensor_order: str = "dipy",
+) -> tuple[list[Any], dict[str, Path]]:
+    """Validate the output folders, then load and check every input (nothing written yet)."""
+    records = inference_records(input, output_dir, mask, bvals, bvecs)
+    load = LoadInferenceInput(tensor_order)
+    items = [load(record)["item"] for record in records]
+    return items, {record["name"]: record["target"] for record in records}
 
 
 def predict_and_write(
@@ -523,6 +576,35 @@ def run_inference(
     return predict_and_write(volume_inferer, writer, items, targets, provenance)
 
 
+def _predict_all(
+    items: list[Any],
+    targets: dict[str, Path],
+    network: Any,
+    inferer: Any,
+    writer: Any,
+    model_path: Any,
+    normalisation_path: Any,
+    device: Any = None,
+    mc_samples: int = 1,
+    seed: int = 0,
+) -> dict[str, dict[str, Path]]:
+    """The config's network (weights loaded) and halo-exact inferer over every loaded input."""
+    inferers, _, _, weights = _inference_api()
+    stats = weights.read_stats(normalisation_path)
+    network_halo = inferers.network_halo(network)
+    inferer.roi_size = inferers.bundle_window(inferer.roi_size, network_halo)
+    volume_inferer = inferers.WholeBrainInferer(
+        network,
+        stats,
+        upscale_factor=int(stats.extra.get("upscale_factor", 2)),
+        device=device,
+        inferer=inferer,
+        mc_samples=mc_samples,
+        seed=seed,
+    )
+    return predict_and_write(volume_inferer, writer, items, targets, _provenance(model_path, stats))
+
+
 @exit_on_bad_input
 def inference(
     input: Any,
@@ -540,20 +622,67 @@ def inference(
     mc_samples: int = 1,
     seed: int = 0,
 ) -> dict[str, dict[str, Path]]:
-    """The bundle's ``run`` for inference: the config's network (weights loaded), inferer and
-    writer applied to ``input``; bad input is one sentence and exit 2."""
-    inferers, _, _, weights = _inference_api()
+    """Inference from Python: the network (weights loaded), inferer and writer applied to
+    ``input``; bad input is one sentence and exit 2."""
     items, targets = prepare_inference(input, output_dir, mask, bvals, bvecs, tensor_order)
-    stats = weights.read_stats(normalisation_path)
-    network_halo = inferers.network_halo(network)
-    inferer.roi_size = inferers.bundle_window(inferer.roi_size, network_halo)
-    volume_inferer = inferers.WholeBrainInferer(
+    return _predict_all(
+        items,
+        targets,
         network,
-        stats,
-        upscale_factor=int(stats.extra.get("upscale_factor", 2)),
-        device=device,
-        inferer=inferer,
-        mc_samples=mc_samples,
-        seed=seed,
+        inferer,
+        writer,
+        model_path,
+        normalisation_path,
+        device,
+        mc_samples,
+        seed,
     )
-    return predict_and_write(volume_inferer, writer, items, targets, _provenance(model_path, stats))
+
+
+class InferenceEvaluator:
+    """The inference config's ``evaluator``: reads every record of ``dataset`` (its
+    ``preprocessing`` loads and checks each input, all before anything is written), then
+    super-resolves each with ``network`` and ``inferer`` and writes it with ``postprocessing``.
+
+    Not an Ignite engine: whole volumes go through the halo-exact inferer one subject at a time,
+    with per-subject output folders and provenance records.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        network: Any,
+        inferer: Any,
+        postprocessing: Any,
+        model_path: Any,
+        normalisation_path: Any,
+        device: Any = None,
+        mc_samples: int = 1,
+        seed: int = 0,
+    ) -> None:
+        self.dataset = dataset
+        self.network = network
+        self.inferer = inferer
+        self.postprocessing = postprocessing
+        self.model_path = model_path
+        self.normalisation_path = normalisation_path
+        self.device = device
+        self.mc_samples = mc_samples
+        self.seed = seed
+
+    @exit_on_bad_input
+    def run(self) -> dict[str, dict[str, Path]]:
+        """The bundle's ``run``: bad input is one sentence and exit 2, nothing written."""
+        records = [self.dataset[i] for i in range(len(self.dataset))]
+        return _predict_all(
+            [record["item"] for record in records],
+            {record["name"]: record["target"] for record in records},
+            self.network,
+            self.inferer,
+            self.postprocessing,
+            self.model_path,
+            self.normalisation_path,
+            self.device,
+            self.mc_samples,
+            self.seed,
+        )

@@ -11,6 +11,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, EarlyStopping
+from ignite.metrics import RootMeanSquaredError
 
 from monai_iqt.losses import build_loss
 from monai_iqt.training import (
@@ -18,6 +19,7 @@ from monai_iqt.training import (
     RandomStates,
     StopOnNonFiniteLoss,
     TrainingDiverged,
+    TrainingHistory,
     flat_pred_label,
     negative_metric,
 )
@@ -111,6 +113,34 @@ def test_early_stopping_on_rising_rmse_and_its_state_resumes(tmp_path: Path) -> 
     fresh = EarlyStopping(3, negative_metric("val_rmse"), Engine(lambda engine, batch: None))
     fresh.load_state_dict(torch.load(tmp_path / "last.pt", weights_only=True)["early_stopping"])
     assert (fresh.counter, fresh.best_score) == (3, -0.8)
+
+
+def test_history_with_validation_every_second_epoch_records_nan_between() -> None:
+    """``val_interval`` 2: MONAI's ValidationHandler runs the evaluator after epochs 2 and 4;
+    the history gives those epochs their own validation RMSE and the others NaN (not the
+    previous epoch's value), and the best epoch is one that was validated."""
+    from monai.engines import SupervisedEvaluator
+    from monai.handlers import ValidationHandler
+
+    network = torch.nn.Conv3d(1, 1, 1)
+    data = [{"image": torch.ones(1, 1, 2, 2, 2), "label": torch.zeros(1, 1, 2, 2, 2)}]
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=data,
+        network=network,
+        key_val_metric={"val_rmse": RootMeanSquaredError(output_transform=flat_pred_label)},
+        decollate=False,
+    )
+    trainer = Engine(lambda engine, batch: network.weight.data.add_(1.0))  # changes the RMSE
+    ValidationHandler(validator=evaluator, interval=2, epoch_level=True).attach(trainer)
+    history = TrainingHistory(torch.optim.SGD(network.parameters(), lr=0.1), evaluator)
+    history.attach(trainer)
+    trainer.run([0], max_epochs=4)
+    rmse = [e["val_rmse"] for e in history.epochs]
+    assert [e["epoch"] for e in history.epochs] == [1, 2, 3, 4]
+    assert np.isnan(rmse[0]) and np.isnan(rmse[2])
+    assert np.isfinite(rmse[1]) and np.isfinite(rmse[3]) and rmse[1] != rmse[3]
+    assert history.best()["epoch"] in (2, 4)
 
 
 def test_validation_rmse_scores_only_the_mean_channels() -> None:

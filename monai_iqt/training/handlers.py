@@ -252,7 +252,11 @@ class TrainingHistory:
         engine.state.learning_rate = float(self.optimizer.param_groups[0]["lr"])
 
     def record_epoch(self, engine: Engine) -> None:
-        metric = self.evaluator.state.metrics.get(self.metric_name, math.nan)
+        # NaN for an epoch without validation (``val_interval`` > 1), not the last epoch's value
+        validated = getattr(self.evaluator.state, "epoch", None) == engine.state.epoch
+        metric = (
+            self.evaluator.state.metrics.get(self.metric_name, math.nan) if validated else math.nan
+        )
         self.epochs.append(
             {
                 "epoch": int(engine.state.epoch),

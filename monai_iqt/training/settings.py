@@ -52,6 +52,7 @@ _INTEGERS = {
     "lr_patch_size": 2 * VALID_SHRINK + 1,
     "patches_per_subject": 2,
     "epochs": 1,
+    "val_interval": 1,
     "batch_size": 1,
     "early_stopping_patience": 1,
     "num_restarts": 1,
@@ -79,7 +80,7 @@ RESUME_KEYS = (
     "dropout_rate",
 )
 #: Settings added after runs were first recorded, and the value older records imply.
-RECORDED_SINCE = {"target_scale": "channel", "target_region": "patch"}
+RECORDED_SINCE = {"target_scale": "channel", "target_region": "patch", "val_interval": 1}
 
 
 def check_values(settings: Mapping[str, Any]) -> dict[str, Any]:
