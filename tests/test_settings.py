@@ -286,11 +286,14 @@ def test_argparse_commands_name_the_nearest_option(capsys: pytest.CaptureFixture
     )
     with pytest.raises(SystemExit):  # a misspelt required option: reported missing, and named
         preprocessing.main(["hcp", "--hcp-rot", "raw", "--out", "x"])
-    assert capsys.readouterr().err.splitlines()[-1].endswith(
-        "required: --hcp-root; the nearest option to --hcp-rot is --hcp-root"
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith("required: --hcp-root; the nearest option to --hcp-rot is --hcp-root")
     )
     with pytest.raises(SystemExit):
         step.main(["--threadz", "2"])
     assert capsys.readouterr().err.endswith("the nearest option to --threadz is --threads\n")
     assert benchmark.main(["lesoin"]) == 2
-    assert capsys.readouterr().err.endswith("unknown benchmark lesoin; the nearest benchmark is lesion\n")
+    error = capsys.readouterr().err
+    assert error.endswith("unknown benchmark lesoin; the nearest benchmark is lesion\n")
