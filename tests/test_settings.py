@@ -173,6 +173,7 @@ def test_refusal_names_every_unknown_name_and_its_nearest_setting(tmp_path: Path
     assert bundle.refuse_unknown_settings() is None
 
 
+@pytest.mark.slow
 def test_misspelt_settings_are_refused_before_anything_is_written(tmp_path: Path) -> None:
     """The issue's four cases as run from a shell: one sentence, exit 2, no folder touched.
 
