@@ -74,8 +74,9 @@ def exit_on_bad_input(function: Callable[..., T]) -> Callable[..., T]:
 # --------------------------------------------------------------------------- settings
 # ``python -m monai.bundle run`` turns every ``--name value`` into a config entry whether or not
 # the config reads it, so a misspelt setting would silently leave the default in force. Every
-# ``run`` entry's first step is :func:`refuse_unknown_settings`, which compares the names the
-# command line gave with the ids the config files declare, before anything is read or written.
+# config's ``initialize`` (which MONAI evaluates before ``run``) starts with
+# :func:`refuse_unknown_settings`, which compares the names the command line gave with the ids
+# the config files declare, before anything is read or written.
 
 #: The ids MONAI's config workflow evaluates itself: wiring, not settings.
 WORKFLOW_IDS = ("imports", "initialize", "run", "finalize")

@@ -173,6 +173,7 @@ def test_refusal_names_every_unknown_name_and_its_nearest_setting(tmp_path: Path
     assert bundle.refuse_unknown_settings() is None
 
 
+@pytest.mark.slow
 def test_misspelt_settings_are_refused_before_anything_is_written(tmp_path: Path) -> None:
     """The issue's four cases as run from a shell: one sentence, exit 2, no folder touched.
 
@@ -286,11 +287,14 @@ def test_argparse_commands_name_the_nearest_option(capsys: pytest.CaptureFixture
     )
     with pytest.raises(SystemExit):  # a misspelt required option: reported missing, and named
         preprocessing.main(["hcp", "--hcp-rot", "raw", "--out", "x"])
-    assert capsys.readouterr().err.splitlines()[-1].endswith(
-        "required: --hcp-root; the nearest option to --hcp-rot is --hcp-root"
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith("required: --hcp-root; the nearest option to --hcp-rot is --hcp-root")
     )
     with pytest.raises(SystemExit):
         step.main(["--threadz", "2"])
     assert capsys.readouterr().err.endswith("the nearest option to --threadz is --threads\n")
     assert benchmark.main(["lesoin"]) == 2
-    assert capsys.readouterr().err.endswith("unknown benchmark lesoin; the nearest benchmark is lesion\n")
+    error = capsys.readouterr().err
+    assert error.endswith("unknown benchmark lesoin; the nearest benchmark is lesion\n")
