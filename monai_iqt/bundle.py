@@ -340,15 +340,23 @@ def check_inference_settings(
     mc_samples: Any = 1,
     predict_variance: Any = None,
     normalisation_path: Any = None,
+    dropout_rate: Any = None,
 ) -> None:
     """Every inference setting checked before a component is built (the ``initialize`` step).
 
     ``predict_variance`` true asks for the intrinsic uncertainty: the weights must have been
-    trained with a variance output; ``mc_samples`` > 1 needs weights trained with dropout.
+    trained with a variance output; ``mc_samples`` > 1 needs weights trained with dropout (the
+    rate ``normalisation_path`` records, or ``dropout_rate`` for weights not trained yet, as
+    the study's cells).
     """
     inferers, inputs, _, weights = _inference_api()
     if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
         raise InputError(f"mc_samples {mc_samples!r} must be an integer >= 1.")
+    if mc_samples > 1 and dropout_rate is not None and float(dropout_rate) <= 0:
+        raise InputError(
+            f"mc_samples {mc_samples} needs weights trained with dropout, but the models are "
+            f"trained with dropout_rate {dropout_rate}: give --dropout_rate > 0 or mc_samples 1."
+        )
     if normalisation_path is not None and (
         mc_samples > 1 or (predict_variance is not None and as_bool(predict_variance))
     ):

@@ -10,7 +10,11 @@ windows without brain are not computed. In ``patches`` mode it is the paper's pa
 11^3 input patches, each zero-padded inside exactly as in training, their 7^3 outputs stitched.
 
 :class:`WholeBrainInferer` wraps it for tensor volumes in mm^2/s: normalisation, edge
-padding (repeated edge voxels), denormalisation and the brain mask.
+padding, denormalisation and the brain mask. The exact pass extends the LR volume beyond its
+field of view by the network's own halo of repeated edge voxels, so no brain voxel's receptive
+field reaches a zero the reversible blocks add at the border of their input: a brain cut by the
+field of view gives the prediction it would give on the same volume extended by more repeated
+edge voxels. ``patches`` mode keeps the paper's padding of ``VALID_SHRINK`` voxels.
 """
 
 from __future__ import annotations
@@ -101,9 +105,10 @@ class HaloExactInferer(Inferer):
     """MONAI inferer for networks with valid outer convolutions (output = input - 4 per axis, x r).
 
     ``inputs`` (1, C, X, Y, Z) is the network input, already normalised and padded as the caller
-    wants; the result (1, C_out, r(X-4), r(Y-4), r(Z-4)) equals ``network(inputs)`` at every
-    output voxel whose input voxel lies in ``brain`` (1, 1, X, Y, Z) (all voxels without it);
-    output voxels far from the brain are zero.
+    wants; the result (1, C_out, r(X-4-2m), r(Y-4-2m), r(Z-4-2m)) equals ``network(inputs)``
+    at every output voxel whose input voxel lies in ``brain`` (1, 1, X, Y, Z) (all voxels
+    without it), without the outputs of the ``margin`` = m input voxels on each side beyond
+    the valid shrink (the caller's extra padding); output voxels far from the brain are zero.
 
     Args:
         roi_size: largest window in input voxels (int or 3 ints; <= 0 means the whole axis).
@@ -135,6 +140,7 @@ class HaloExactInferer(Inferer):
         self.patch_size = int(patch_size)
         self.sw_device = torch.device(sw_device) if sw_device is not None else None
         self.last_counts = InferenceCounts()
+        self._offset = VALID_SHRINK
 
     @torch.no_grad()
     def __call__(  # type: ignore[override]
@@ -143,10 +149,18 @@ class HaloExactInferer(Inferer):
         network: torch.nn.Module,
         brain: torch.Tensor | None = None,
         *args: Any,
+        margin: int = 0,
         **kwargs: Any,
     ) -> torch.Tensor:
         if inputs.ndim != 5 or inputs.shape[0] != 1:
             raise ValueError(f"expected inputs of shape (1, C, X, Y, Z), got {tuple(inputs.shape)}")
+        margin = int(margin)
+        if margin < 0 or min(inputs.shape[2:]) <= 2 * (VALID_SHRINK + margin):
+            raise ValueError(
+                f"margin {margin} leaves no output of inputs of shape {tuple(inputs.shape)}"
+            )
+        # input index of the first output voxel kept
+        self._offset = VALID_SHRINK + margin
         if brain is None:
             brain = torch.ones((1, 1, *inputs.shape[2:]), dtype=torch.bool)
         brain = brain.reshape(inputs.shape[2:]).to(device="cpu", dtype=torch.bool)
@@ -180,8 +194,10 @@ class HaloExactInferer(Inferer):
             exact = []
             for start, window, size in zip(location, roi, shape, strict=True):
                 stop = min(start + window, size)
-                low = VALID_SHRINK if start == 0 else start + halo
-                high = size - VALID_SHRINK if stop == size else stop - halo
+                low = self._offset if start == 0 else max(start + halo, self._offset)
+                high = (
+                    size - self._offset if stop == size else min(stop - halo, size - self._offset)
+                )
                 exact.append((low, high))
             crop = _brain_crop(brain, exact, halo, shape)
             if crop is None:
@@ -210,8 +226,14 @@ class HaloExactInferer(Inferer):
                 slice(starts[a][i], min(starts[a][i] + size, shape[a]))
                 for a, i in enumerate(corner)
             )
-            exact = tuple(slice(c.start + VALID_SHRINK, c.stop - VALID_SHRINK) for c in crop)
-            if not bool(brain[exact].any()):
+            exact = tuple(
+                slice(
+                    max(c.start + VALID_SHRINK, self._offset),
+                    min(c.stop - VALID_SHRINK, n - self._offset),
+                )
+                for c, n in zip(crop, shape, strict=True)
+            )
+            if any(e.start >= e.stop for e in exact) or not bool(brain[exact].any()):
                 self.last_counts.windows_skipped += 1
                 continue
             yield crop, exact
@@ -225,17 +247,16 @@ class HaloExactInferer(Inferer):
         for crop_shape, members in by_shape.items():
             batch = torch.cat([inputs[(slice(None), slice(None), *c)] for c, _ in members])
             prediction = network(batch.to(device)).to("cpu")
+            r = prediction.shape[2] // (crop_shape[0] - 2 * VALID_SHRINK)
             if out is None:
-                r = prediction.shape[2] // (crop_shape[0] - 2 * VALID_SHRINK)
-                out_shape = [r * (s - 2 * VALID_SHRINK) for s in inputs.shape[2:]]
+                out_shape = [r * (s - 2 * self._offset) for s in inputs.shape[2:]]
                 out = prediction.new_zeros((1, prediction.shape[1], *out_shape))
-            r = out.shape[2] // (inputs.shape[2] - 2 * VALID_SHRINK)
             self.last_counts.windows_computed += len(members)
             self.last_counts.voxels_computed += len(members) * math.prod(crop_shape)
             for index, (crop, exact) in enumerate(members):
                 self.last_counts.crops.append(crop)
                 target = tuple(
-                    slice(r * (e.start - VALID_SHRINK), r * (e.stop - VALID_SHRINK)) for e in exact
+                    slice(r * (e.start - self._offset), r * (e.stop - self._offset)) for e in exact
                 )
                 source = tuple(
                     slice(
@@ -250,7 +271,7 @@ class HaloExactInferer(Inferer):
     def _empty_output(self, inputs, network, device) -> torch.Tensor:
         probe = network(inputs[(slice(None), slice(None)) + (slice(0, 5),) * 3].to(device))
         r = probe.shape[2]
-        shape = [r * (s - 2 * VALID_SHRINK) for s in inputs.shape[2:]]
+        shape = [r * (s - 2 * self._offset) for s in inputs.shape[2:]]
         return probe.new_zeros((1, probe.shape[1], *shape)).cpu()
 
 
@@ -291,10 +312,13 @@ def _brain_crop(
 class WholeBrainInferer:
     """Turn an LR tensor volume (X, Y, Z, 6) in mm^2/s into the HR one (rX, rY, rZ, 6).
 
-    The volume is padded by 2 voxels repeating its edge (background stays background; a brain
-    cut by the field of view continues as it left it), normalised with the statistics
-    saved beside the weights, run through ``inferer`` and denormalised; the output is zero
-    outside the brain region.
+    The volume is padded by repeating its edge voxels (background stays background; a brain
+    cut by the field of view continues as it left it): by the network's halo (2 + 6 N LR
+    voxels) for the exact pass, so no brain voxel's output depends on the zero padding inside
+    the reversible blocks, or by the valid shrink (2) for the paper's ``patches``. It is then
+    normalised with the statistics saved beside the weights, run through ``inferer`` and
+    denormalised; the output covers the original field of view and is zero outside the brain
+    region.
 
     Args:
         network: trained ESPCN / ESPCN-RN-N (any module with ``halo`` and valid convolutions).
@@ -343,12 +367,30 @@ class WholeBrainInferer:
         parameter = next(self.network.parameters(), None)
         return parameter.dtype if parameter is not None else torch.float32
 
-    def _padded_input(self, dt_lr: np.ndarray) -> torch.Tensor:
-        """(1, 6, X+4, Y+4, Z+4): normalised tensor, edge voxels repeated beyond the field of
-        view (as the cubic B-spline baseline, ``mode="nearest"``)."""
+    @property
+    def pad(self) -> int:
+        """LR voxels of repeated edge added on each side before the inferer runs: the network's
+        halo for the exact pass, the valid shrink for the paper's patch stitching."""
+        return VALID_SHRINK if self.inferer.inference_mode == "patches" else self.halo
+
+    def _padded_input(self, dt_lr: np.ndarray, pad: int) -> torch.Tensor:
+        """(1, 6, X+2p, Y+2p, Z+2p): normalised tensor, ``pad`` edge voxels repeated beyond the
+        field of view (as the cubic B-spline baseline, ``mode="nearest"``)."""
         dt = torch.as_tensor(np.moveaxis(np.asarray(dt_lr), -1, 0)[None], dtype=self._dtype())
-        padded = torch.nn.functional.pad(dt, (VALID_SHRINK,) * 6, mode="replicate")
+        padded = torch.nn.functional.pad(dt, (pad,) * 6, mode="replicate")
         return self.stats.normalise_input(padded)
+
+    def _infer(self, padded: torch.Tensor, brain_lr: np.ndarray, pad: int) -> torch.Tensor:
+        """The inferer's output over the original field of view (1, C, rX, rY, rZ)."""
+        brain = torch.from_numpy(np.pad(brain_lr, pad))
+        return self.inferer(padded, self.network, brain, margin=pad - VALID_SHRINK)
+
+    def _whole_pass(self, padded: torch.Tensor) -> torch.Tensor:
+        """One network pass over ``padded`` (edge padded by the halo), cropped to the field of
+        view."""
+        prediction = self.network(padded.to(self.device)).cpu()
+        cut = self.upscale_factor * (self.halo - VALID_SHRINK)
+        return prediction[(slice(None), slice(None)) + (slice(cut, -cut or None),) * 3]
 
     def _finish(self, prediction: torch.Tensor, brain_lr: np.ndarray) -> np.ndarray:
         """(1, C, rX, rY, rZ) normalised -> (rX, rY, rZ, 6) float32 mm^2/s, 0 outside the brain."""
@@ -367,15 +409,15 @@ class WholeBrainInferer:
         Without ``brain_lr`` every voxel with a non-zero tensor counts as brain.
         """
         brain_lr = _brain_or_nonzero(dt_lr, brain_lr)
-        brain = torch.from_numpy(np.pad(brain_lr, VALID_SHRINK))
-        prediction = self.inferer(self._padded_input(dt_lr), self.network, brain)
+        prediction = self._infer(self._padded_input(dt_lr, self.pad), brain_lr, self.pad)
         return self._finish(prediction, brain_lr)
 
     @torch.no_grad()
     def whole_volume(self, dt_lr: np.ndarray, brain_lr: np.ndarray | None = None) -> np.ndarray:
-        """One pass of the network over the whole padded volume (the reference for the windows)."""
+        """One pass of the network over the whole volume padded by the halo (the reference for
+        the windows)."""
         brain_lr = _brain_or_nonzero(dt_lr, brain_lr)
-        prediction = self.network(self._padded_input(dt_lr).to(self.device)).cpu()
+        prediction = self._whole_pass(self._padded_input(dt_lr, self.halo))
         return self._finish(prediction, brain_lr)
 
     @property
@@ -396,8 +438,8 @@ class WholeBrainInferer:
         whole volume per sample instead of the inferer (the reference for the windows).
         """
         brain_lr = _brain_or_nonzero(dt_lr, brain_lr)
-        padded = self._padded_input(dt_lr)
-        brain = torch.from_numpy(np.pad(brain_lr, VALID_SHRINK))
+        pad = self.halo if whole_volume else self.pad
+        padded = self._padded_input(dt_lr, pad)
         std_t = torch.tensor(self.stats.target_std, dtype=torch.float32).view(6, 1, 1, 1)
         mean_t = torch.tensor(self.stats.target_mean, dtype=torch.float32).view(6, 1, 1, 1)
         dropout = self.mc_samples > 1 and bool(dropout_layers(self.network))
@@ -405,9 +447,9 @@ class WholeBrainInferer:
         for k in range(self.mc_samples):
             with fixed_dropout_masks(self.network, self.seed + k) if dropout else nullcontext():
                 if whole_volume:
-                    prediction = self.network(padded.to(self.device)).cpu()
+                    prediction = self._whole_pass(padded)
                 else:
-                    prediction = self.inferer(padded, self.network, brain)
+                    prediction = self._infer(padded, brain_lr, pad)
             sample = prediction[0, :6].float() * std_t + mean_t
             if prediction.shape[1] == 12:
                 variance = torch.exp(prediction[0, 6:].float()) * std_t**2

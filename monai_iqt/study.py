@@ -44,7 +44,8 @@ import torch
 from scipy import stats as scipy_stats
 
 from monai_iqt import evaluation
-from monai_iqt.bundle import exit_on_bad_input
+from monai_iqt.bundle import check_inference_settings, exit_on_bad_input
+from monai_iqt.inferers import DEFAULT_ROI_SIZE
 from monai_iqt.metrics import REGIONS
 from monai_iqt.training.settings import RECORDED_SINCE, check_values
 from preprocessing import layout
@@ -351,6 +352,20 @@ def evaluate_cell(
     return evaluate_models(dataset_dir, test, {"model": inferer}, (), radius)
 
 
+def check_inferer_options(options: Mapping[str, Any], cell_overrides: Mapping[str, Any]) -> None:
+    """The bundle inference's own checks of the cells' inference settings, made before any
+    cell is trained: e.g. ``mc_samples`` > 1 for cells trained without dropout."""
+    check_inference_settings.__wrapped__(
+        options.get("inference_mode", "whole_volume"),
+        options.get("roi_size", DEFAULT_ROI_SIZE),
+        options.get("sw_batch_size", 1),
+        tensor_order="dipy",
+        repair_tensors=False,
+        mc_samples=options.get("mc_samples", 1),
+        dropout_rate=check_values(cell_overrides)["dropout_rate"],
+    )
+
+
 def _best_val_rmse(cell_dir: Path) -> float | None:
     try:
         extra = json.loads((cell_dir / "models" / "normalisation.json").read_text())["extra"]
@@ -431,6 +446,7 @@ def run_study(
     )
     if not Path(train_config).is_file():
         raise InputError(f"train_config {train_config} does not exist.")
+    check_inferer_options(inferer_options or {}, cell_overrides)
     for key in unforwarded_settings(train_config, cell_overrides):
         log.warning("training setting %s is not in cell_overrides: cells keep its default", key)
     plan = StudyPlan(

@@ -18,7 +18,7 @@ from monai_iqt.bundle import inference, run_inference
 from monai_iqt.data.normalise import NormalisationStats
 from monai_iqt.inferers import WholeBrainInferer, plan_windows
 from monai_iqt.inputs import inference_region, load_input
-from monai_iqt.networks import ESPCN_RN, fixed_dropout_masks
+from monai_iqt.networks import ESPCN_RN, VALID_SHRINK, fixed_dropout_masks
 from monai_iqt.weights import load_model
 from preprocessing.io import InputError, save_nifti
 from preprocessing.synthetic import write_synthetic_subject
@@ -54,7 +54,7 @@ def oblique_affine() -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("num_blocks", "lr_shape", "roi"),
-    [(0, (23, 19, 17), 12), (1, (26, 21, 21), 24)],
+    [(0, (23, 19, 17), 12), (1, (20, 17, 17), 30)],
     ids=["ESPCN", "ESPCN-RN1"],
 )
 def test_stitched_windows_equal_one_whole_volume_pass(num_blocks, lr_shape, roi):
@@ -62,7 +62,7 @@ def test_stitched_windows_equal_one_whole_volume_pass(num_blocks, lr_shape, roi)
     network = ESPCN_RN(num_blocks)
     randomise_batch_norm(network)
     inferer = WholeBrainInferer(network, NormalisationStats(MEAN, STD, MEAN, STD), 2, roi, 2, "cpu")
-    padded = tuple(s + 4 for s in lr_shape)
+    padded = tuple(s + 2 * network.halo for s in lr_shape)
     window = plan_windows(padded, roi, network.halo)
     assert any(p % w for p, w in zip(padded, window, strict=True)), "volume must not tile exactly"
     dt = random_tensors(lr_shape)
@@ -91,6 +91,50 @@ def test_a_brain_cut_by_the_field_of_view_continues_beyond_it():
     # Control: zero background beyond the edge predicts the outer slices differently.
     zeros = np.pad(slab, ((2, 2), (2, 2), (2, 2), (0, 0)))
     assert relative_max_error(actual, inferer.whole_volume(zeros)[4:-4, 4:-4, 4:-4]) > 1e-2
+
+
+def _ball_cut_by_the_field_of_view(shape: tuple[int, int, int]) -> np.ndarray:
+    """A brain ball centred near the low corner: cut by three faces, background at the others."""
+    grid = np.meshgrid(*[np.arange(n) - 0.2 * n for n in shape], indexing="ij")
+    return sum((g / (0.6 * n)) ** 2 for g, n in zip(grid, shape, strict=True)) <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("num_blocks", "shape", "roi"),
+    [(0, (14, 12, 11), 9), (2, (8, 7, 6), (32, 0, 0))],  # N = 2: two windows along x
+    ids=["N0", "N2"],
+)
+def test_prediction_of_a_cut_brain_equals_that_of_the_volume_extended_by_its_edge(
+    num_blocks, shape, roi
+):
+    """Each network's own halo of repeated edge voxels: on the original voxels, the prediction
+    on a volume whose brain touches the field of view equals the prediction on the same volume
+    extended beforehand by (halo + 2) repeated edge voxels, in windows as in one pass."""
+    torch.manual_seed(10 + num_blocks)
+    network = ESPCN_RN(num_blocks)
+    randomise_batch_norm(network, seed=3)
+    stats = NormalisationStats(MEAN, STD, MEAN, STD)
+    inferer = WholeBrainInferer(network, stats, 2, roi, 2, "cpu")
+    brain = _ball_cut_by_the_field_of_view(shape)
+    assert brain[0].any() and brain[:, 0].any() and brain[:, :, 0].any() and not brain[-1].any()
+    dt = random_tensors(shape, seed=11) * brain[..., None]
+    k = network.halo + 2
+    pad = ((k, k), (k, k), (k, k))
+    extended_dt = np.pad(dt, (*pad, (0, 0)), mode="edge")  # the oracle: numpy's edge mode
+    extended_brain = np.pad(brain, pad)  # where to predict: the same brain voxels
+    inside = (slice(2 * k, -2 * k),) * 3
+
+    windows = inferer(dt, brain)
+    assert inferer.last_counts.windows_computed >= 2
+    expected = inferer(extended_dt, extended_brain)[inside]
+
+    assert windows.shape == (*(2 * n for n in shape), 6)
+    assert relative_max_error(windows, expected) < 1e-5
+    assert relative_max_error(inferer.whole_volume(dt, brain), expected) < 1e-5
+    if num_blocks:  # control: the ESPCN's padding of 2 voxels lets the blocks' zeros in
+        short = WholeBrainInferer(network, stats, 2, roi, 2, "cpu")
+        short.halo = VALID_SHRINK
+        assert relative_max_error(short.whole_volume(dt, brain), expected) > 1e-3
 
 
 def test_reversible_blocks_need_their_halo():
@@ -138,7 +182,7 @@ def test_windows_are_cropped_to_the_brain_and_output_is_masked(num_blocks, shape
         assert predictor.windows_computed >= 8 and predictor.windows_skipped > 0
     # brain bounding boxes: fewer voxels than the windows MONAI handed over
     assert predictor.voxels_computed < predictor.windows_computed * np.prod(
-        plan_windows([s + 4 for s in shape], roi, network.halo)
+        plan_windows([s + 2 * network.halo for s in shape], roi, network.halo)
     )
     brain_hr = np.repeat(np.repeat(np.repeat(brain, 2, 0), 2, 1), 2, 2)
     assert np.all(stitched[~brain_hr] == 0)
@@ -421,7 +465,7 @@ def test_patch_stitching_for_espcn_rn2_is_the_network_on_each_11_cube():
     patches = inferer(dt)
 
     assert relative_max_error(patches, inferer.whole_volume(dt)) > 1e-3
-    padded = inferer._padded_input(dt)  # background-padded, normalised: the network's input
+    padded = inferer._padded_input(dt, VALID_SHRINK)  # edge-padded, normalised: the input
     with torch.no_grad():
         by_hand = stats.denormalise_output(network.eval()(padded[:, :, :11, :11, :11]))
     by_hand = np.moveaxis(by_hand[0].numpy(), 0, -1)  # the 7^3 LR (14^3 HR) outputs of the cube
@@ -438,8 +482,8 @@ def test_predictive_std_is_exact_in_windows_and_combines_both_uncertainties():
     network = ESPCN_RN(1, predict_variance=True, dropout_rate=0.3)
     randomise_batch_norm(network, seed=8)
     stats = NormalisationStats(MEAN, STD, MEAN, STD)
-    dt = random_tensors((26, 21, 21), seed=9)
-    inferer = WholeBrainInferer(network, stats, 2, 24, 2, "cpu", mc_samples=3, seed=4)
+    dt = random_tensors((16, 15, 15), seed=9)
+    inferer = WholeBrainInferer(network, stats, 2, 30, 2, "cpu", mc_samples=3, seed=4)
 
     mean, std = inferer.predict_with_std(dt)
     whole_mean, whole_std = inferer.predict_with_std(dt, whole_volume=True)
@@ -448,13 +492,14 @@ def test_predictive_std_is_exact_in_windows_and_combines_both_uncertainties():
     assert relative_max_error(mean, whole_mean) < 1e-5
     assert relative_max_error(std, whole_std) < 1e-5
     # by hand, on the whole volume: three fixed-mask samples of the network
-    padded = inferer._padded_input(dt)
+    padded = inferer._padded_input(dt, network.halo)  # edge-padded by the network's halo
+    cut = (slice(None), slice(None)) + (slice(2 * (network.halo - 2), -2 * (network.halo - 2)),) * 3
     std_mm = torch.tensor(STD).view(1, 6, 1, 1, 1)
     means, variances = [], []
     with torch.no_grad():
         for k in range(3):
             with fixed_dropout_masks(network, 4 + k):
-                prediction = network(padded)
+                prediction = network(padded)[cut]
             means.append(stats.denormalise_output(prediction[:, :6]))
             variances.append(torch.exp(prediction[:, 6:]) * std_mm**2)
     expected = torch.sqrt(torch.stack(variances).mean(0) + torch.stack(means).var(0, False))

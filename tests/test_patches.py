@@ -134,7 +134,12 @@ def test_shared_target_scale_weighs_every_element_in_mm2_per_s_alike(dataset: Pa
 def test_brain_target_region_leaves_only_non_brain_voxels_without_target(dataset: Path) -> None:
     whole = build_patch_data(dataset, patches_per_subject=40, seed=3, target_region="patch")
     brain = build_patch_data(dataset, patches_per_subject=40, seed=3, target_region="brain")
-    assert brain.stats == whole.stats  # statistics of whole blocks either way
+    # the same patches and input statistics; the target's statistics are the brain's
+    assert brain.train_dataset.data == whole.train_dataset.data
+    assert (brain.stats.input_mean, brain.stats.input_std) == (
+        whole.stats.input_mean,
+        whole.stats.input_std,
+    )
     import nibabel as nib
 
     masks = [
@@ -149,7 +154,9 @@ def test_brain_target_region_leaves_only_non_brain_voxels_without_target(dataset
         assert torch.equal(
             torch.isnan(label), torch.from_numpy(~inside)[None].expand(6, -1, -1, -1)
         )
-        torch.testing.assert_close(label[:, inside], whole.train_dataset[index]["label"][:, inside])
+        in_mm2_s = brain.stats.denormalise_output(label[None])[0]
+        expected = whole.stats.denormalise_output(whole.train_dataset[index]["label"][None])[0]
+        torch.testing.assert_close(in_mm2_s[:, inside], expected[:, inside])
         partial += int(not inside.all())
     assert partial > 0, "no block crosses the brain's edge, so the test could not fail"
     with pytest.raises(InputError, match="target_region must be one of patch, brain"):
@@ -186,6 +193,45 @@ def test_normalisation_statistics_come_from_training_patches(dataset: Path) -> N
     extra = data.model_extra()
     assert extra["tensor_elements"] == ["Dxx", "Dxy", "Dyy", "Dxz", "Dyz", "Dzz"]
     assert extra["upscale_factor"] == 2 and extra["lr_patch_size"] == 11
+
+
+@pytest.mark.parametrize("target_scale", ["channel", "shared"])
+def test_brain_target_region_takes_target_statistics_from_brain_voxels(
+    dataset: Path, target_scale: str
+) -> None:
+    """Oracle from the NIfTI files: each training block of dt_hr.nii.gz, its mask_hr.nii.gz
+    voxels only, numpy's mean and unbiased std; the input's statistics stay whole patches'."""
+    import nibabel as nib
+
+    data = build_patch_data(
+        dataset, patches_per_subject=40, seed=3, target_region="brain", target_scale=target_scale
+    )
+    dt_hr, masks, dt_lr = (
+        [np.asarray(nib.load(dataset / n / f"{name}.nii.gz").dataobj) for n in data.subjects]
+        for name in ("dt_hr", "mask_hr", "dt_lr")
+    )
+    targets, inputs = [], []
+    for loc in data.train_dataset.data:
+        hr = tuple(slice(2 * (s + 2), 2 * (s + 2) + 14) for s in loc.start)
+        targets.append(dt_hr[loc.subject][hr][masks[loc.subject][hr] > 0])
+        inputs.append(dt_lr[loc.subject][tuple(slice(s, s + 11) for s in loc.start)].reshape(-1, 6))
+    brain_values = np.concatenate(targets).astype(np.float64)
+    patch_values = np.concatenate(inputs).astype(np.float64)
+    assert len(brain_values) < 14**3 * len(targets), "every block all brain: could not fail"
+    target_std = brain_values.std(axis=0, ddof=1)
+    if target_scale == "shared":
+        target_std = np.full(6, np.sqrt(np.mean(target_std**2)))
+    np.testing.assert_allclose(data.stats.target_mean, brain_values.mean(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(data.stats.target_std, target_std, rtol=1e-9)
+    np.testing.assert_allclose(data.stats.input_mean, patch_values.mean(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(data.stats.input_std, patch_values.std(axis=0, ddof=1), rtol=1e-9)
+    # the scored (brain) labels, normalised with these statistics, have mean 0 and std 1
+    labels = torch.stack([data.train_dataset[i]["label"] for i in range(len(targets))])
+    scored = labels.transpose(0, 1).reshape(6, -1).double()
+    scored = scored[:, ~torch.isnan(scored[0])]
+    if target_scale == "channel":
+        np.testing.assert_allclose(scored.mean(dim=1), 0, atol=1e-5)
+        np.testing.assert_allclose(scored.std(dim=1), 1, atol=1e-5)
 
 
 def test_valid_starts_match_a_brute_force_scan() -> None:

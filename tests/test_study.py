@@ -152,6 +152,22 @@ def test_bad_setting_on_the_command_line_is_one_sentence_and_exit_2(
     assert not (tmp_path / "study").exists()
 
 
+def test_mc_samples_without_dropout_is_refused_before_any_cell_is_trained(
+    preprocessed_root: Path, tmp_path: Path
+) -> None:
+    """As the bundle's inference refuses it: Monte Carlo samples of a network without dropout
+    would all be equal, a zero sigma."""
+    result = run_study(preprocessed_root, tmp_path / "study", inferer_options={"mc_samples": 3})
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: mc_samples 3 needs weights trained with dropout, but the models are trained "
+        "with dropout_rate 0.0: give --dropout_rate > 0 or mc_samples 1."
+    ]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "study").exists()
+
+
 # --------------------------------------------------------------------------- the study
 
 

@@ -18,6 +18,7 @@ import pytest
 from training_commands import ENV, REPO, TRAIN_CONFIG, run_training, training_command
 
 from monai_iqt.training import check_settings
+from monai_iqt.training.settings import compare_settings
 from preprocessing.io import InputError
 
 #: ESPCN (no reversible blocks), 1 run of 1 epoch on 3 x 10 patches: seconds.
@@ -148,6 +149,33 @@ def test_a_folder_with_runs_needs_resume_or_overwrite(
     both = refusal(train(preprocessed_root, trained, resume="true", overwrite="true"))
     assert both.startswith("error: settings resume and overwrite are both true")
     assert snapshot(trained) == before
+
+
+def test_runs_recorded_before_brain_only_statistics_resume_only_with_whole_blocks(
+    preprocessed_root: Path, tmp_path: Path
+) -> None:
+    """Runs recorded before ``target_statistics`` existed normalised targets over whole
+    blocks: with ``target_region`` patch they still resume; with brain they are refused."""
+    records = {
+        region: check_settings(settings(preprocessed_root, tmp_path, target_region=region))[
+            "record"
+        ]
+        for region in ("patch", "brain")
+    }
+    assert records["patch"]["target_statistics"] == "whole_blocks"
+    assert records["brain"]["target_statistics"] == "brain_voxels"
+    for region, record in records.items():
+        older = {key: value for key, value in record.items() if key != "target_statistics"}
+        if region == "patch":
+            compare_settings(older, record, tmp_path)
+            continue
+        with pytest.raises(InputError) as refused:
+            compare_settings(older, record, tmp_path)
+        assert str(refused.value) == (
+            f"--resume true: the runs in {tmp_path} normalised their targets with statistics "
+            "over whole blocks, and training with these settings uses brain voxels; give "
+            "--overwrite true to start over."
+        )
 
 
 @pytest.mark.slow

@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# sliding window: windows <= {args.roi_size}^3 LR voxels, sw_batch_size "
         f"{args.sw_batch_size}, {predictor.windows_computed} windows computed, "
         f"{predictor.windows_skipped} skipped (no brain), {predictor.voxels_computed} LR voxels "
-        f"through the network (whole volume: {np.prod([s + 4 for s in shape])})"
+        f"through the network (whole volume: {np.prod([s + 2 * inferer.halo for s in shape])})"
     )
     print(
         f"{'method':<16} {'median s':>9} {'min s':>8} {'LR vox/s':>10} {'HR vox/s':>10} "

@@ -43,25 +43,28 @@ class NormalisationStats:
         """Statistics of (input, target) channel-first batches ``(B, C, X, Y, Z)``.
 
         ``batches()`` is called twice (means, then spreads about them), so the samples never
-        need to be in memory at once; sums are float64 and the std is unbiased (n - 1).
+        need to be in memory at once; sums are float64 and the std is unbiased (n - 1). NaN
+        values are not samples: a NaN target marks a voxel without a target (``target_region``
+        "brain"), so the statistics are those of the voxels the loss scores.
         """
         sums: list[torch.Tensor | float] = [0.0, 0.0]
-        counts = [0, 0]
+        counts: list[torch.Tensor | int] = [0, 0]
         for pair in batches():
             for index, batch in enumerate(pair):
-                values = _by_channel(batch)
+                values, present = _by_channel(batch)
                 sums[index] = sums[index] + values.sum(dim=1)
-                counts[index] += values.shape[1]
-        if not all(counts):
-            raise ValueError("normalisation statistics need at least one sample")
+                counts[index] = counts[index] + present.sum(dim=1)
+        if not all(torch.as_tensor(count).min() > 0 for count in counts):
+            raise ValueError("normalisation statistics need at least one sample per channel")
         means = [total / count for total, count in zip(sums, counts, strict=True)]
         squares: list[torch.Tensor | float] = [0.0, 0.0]
         for pair in batches():
             for index, batch in enumerate(pair):
-                deviations = _by_channel(batch) - means[index][:, None]
+                values, present = _by_channel(batch)
+                deviations = (values - means[index][:, None]) * present
                 squares[index] = squares[index] + (deviations**2).sum(dim=1)
         stds = [
-            (square / max(count - 1, 1)).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
+            (square / (count - 1).clamp_min(1)).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
             for square, count in zip(squares, counts, strict=True)
         ]
         return cls(
@@ -103,9 +106,11 @@ class NormalisationStats:
             return cls(**json.load(stream))
 
 
-def _by_channel(batch: torch.Tensor) -> torch.Tensor:
-    """(B, C, ...) -> (C, B * ...) in float64."""
-    return batch.double().transpose(0, 1).reshape(batch.shape[1], -1)
+def _by_channel(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, ...) -> (C, B * ...) in float64, NaN set to 0, and where values are present."""
+    values = batch.double().transpose(0, 1).reshape(batch.shape[1], -1)
+    present = ~torch.isnan(values)
+    return values.nan_to_num(nan=0.0), present
 
 
 def _channels(values: list[float], like: torch.Tensor) -> torch.Tensor:

@@ -129,10 +129,16 @@ class ExtractPatchPair(Transform):
     def batches(
         self, locations: Sequence[PatchLocation], chunk: int = 256
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Raw (input, target) batches of ``chunk`` patches, e.g. for the statistics."""
+        """Raw (input, target) batches of ``chunk`` patches, e.g. for the statistics; with
+        ``target_region`` "brain" the targets are NaN outside ``mask_hr``, as the labels."""
         for begin in range(0, len(locations), chunk):
-            pairs = [self.crop(location) for location in locations[begin : begin + chunk]]
-            yield torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+            group = locations[begin : begin + chunk]
+            pairs = [self.crop(location) for location in group]
+            targets = torch.stack([p[1] for p in pairs])
+            if self.target_region == "brain":
+                brain = torch.stack([self.brain(location) for location in group])
+                targets = targets.masked_fill(~brain[:, None], float("nan"))
+            yield torch.stack([p[0] for p in pairs]), targets
 
     def brain(self, location: PatchLocation) -> torch.Tensor:
         """The HR target block's ``mask_hr`` (m, m, m) bool."""
@@ -198,7 +204,10 @@ def build_patch_data(
     compute the normalisation statistics on the training patches (targets scaled per channel,
     or by one scale shared over the six elements: ``target_scale`` "channel" or "shared").
     ``target_region`` "brain" leaves the target's non-brain voxels out of loss and validation
-    (:class:`ExtractPatchPair`); the statistics are those of whole blocks either way.
+    (:class:`ExtractPatchPair`) and out of the target's statistics, so the normalised target
+    is centred and scaled over the voxels the loss scores. The input's statistics stay those of
+    whole patches, background included, either way: the network reads every input voxel, in
+    training as at inference, whatever the loss scores.
 
     Patch positions of a subject depend only on ``seed`` and the subject id (not on which other
     subjects are used); each subject contributes ``1 - validation_fraction`` of its patches to
@@ -237,7 +246,7 @@ def build_patch_data(
     train, val = _sample_locations(
         volumes, int(patches_per_subject), int(lr_patch_size), float(validation_fraction), int(seed)
     )
-    raw = ExtractPatchPair(volumes, int(lr_patch_size))
+    raw = ExtractPatchPair(volumes, int(lr_patch_size), target_region=target_region)
     stats = NormalisationStats.from_batches(lambda: raw.batches(train))
     if target_scale == "shared":
         stats = stats.with_shared_target_scale()

@@ -76,11 +76,19 @@ RESUME_KEYS = (
     "loss",
     "target_scale",
     "target_region",
+    "target_statistics",
     "predict_variance",
     "dropout_rate",
 )
-#: Settings added after runs were first recorded, and the value older records imply.
-RECORDED_SINCE = {"target_scale": "channel", "target_region": "patch", "val_interval": 1}
+#: Settings added after runs were first recorded, and the value older records imply:
+#: ``target_statistics`` (derived from ``target_region``) says over which voxels the target's
+#: normalisation statistics were computed; before it was recorded, over whole blocks always.
+RECORDED_SINCE = {
+    "target_scale": "channel",
+    "target_region": "patch",
+    "target_statistics": "whole_blocks",
+    "val_interval": 1,
+}
 
 
 def check_values(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -172,6 +180,8 @@ def settings_record(checked: Mapping[str, Any], folders: list[Path]) -> dict[str
     values["loss"] = values["loss"] or "rmse"
     values["predict_variance"] = bool(values["predict_variance"])
     values["dropout_rate"] = float(values["dropout_rate"] or 0.0)
+    brain = values["target_region"] == "brain"
+    values["target_statistics"] = "brain_voxels" if brain else "whole_blocks"
     return {key: values[key] for key in RESUME_KEYS}
 
 
@@ -270,6 +280,12 @@ def compare_settings(recorded: Mapping[str, Any], current: Mapping[str, Any], ru
             raise InputError(
                 f"--resume true: subject {changed}'s {RECORD_NAME} changed since the runs in "
                 f"{runs_dir} started (it was preprocessed again); {advice}"
+            )
+        if key == "target_statistics" and old != value:
+            raise InputError(
+                f"--resume true: the runs in {runs_dir} normalised their targets with "
+                f"statistics over {old.replace('_', ' ')}, and training with these settings "
+                f"uses {value.replace('_', ' ')}; give --overwrite true to start over."
             )
         if key == "normalisation":
             if old is not None and not _same_numbers(old, value):
