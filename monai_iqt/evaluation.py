@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from scipy import stats as scipy_stats
 
 from monai_iqt import figures
 from monai_iqt.bundle import as_bool, check_inference_settings, exit_on_bad_input
@@ -41,6 +40,7 @@ from monai_iqt.metrics import (
     voxel_rms,
 )
 from monai_iqt.outputs import check_writable
+from monai_iqt.paired import paired_comparison
 from preprocessing.io import InputError, write_json, write_text
 from preprocessing.layout import DT_HR, DT_LR, MASK_HR, MASK_LR, find_subjects
 
@@ -451,25 +451,14 @@ def _mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray
 
 
 def wilcoxon_test(rows: list[dict], first: str, second: str, region: str = "total") -> dict:
-    """Wilcoxon signed-rank test of paired per-subject RMSE of two models (scipy)."""
-    by_subject: dict[str, dict[str, float]] = {}
+    """The paired comparison (:func:`monai_iqt.paired.paired_comparison`) of two models'
+    per-subject RMSE: n, median relative change, Wilcoxon statistic and p (none for small n)."""
+    by_model: dict[str, dict[str, float]] = {}
     for row in rows:
-        by_subject.setdefault(row["subject"], {})[row["model"]] = row[region]
-    pairs = [(v[first], v[second]) for v in by_subject.values() if first in v and second in v]
-    result = {"first": first, "second": second, "region": region, "n": len(pairs)}
-    differences = [a - b for a, b in pairs]
-    if len(pairs) < 2 or not any(differences):
-        result.update(statistic=None, p_value=None, note="needs two or more subjects that differ")
-        return result
-    test = scipy_stats.wilcoxon([a for a, _ in pairs], [b for _, b in pairs])
-    wins = sum(a < b for a, b in pairs)
-    result.update(
-        statistic=float(test.statistic),
-        p_value=float(test.pvalue),
-        first_better_in=wins,
-        note=f"{first} has the lower {region} RMSE in {wins} of {len(pairs)} subjects",
-    )
-    return result
+        by_model.setdefault(row["model"], {})[row["subject"]] = row[region]
+    return paired_comparison(
+        by_model.get(first, {}), by_model.get(second, {}), first, second, region
+    ).as_dict()
 
 
 def _summary_markdown(result: EvaluationResult, names: Sequence[str], radius: int) -> str:
@@ -480,9 +469,11 @@ def _summary_markdown(result: EvaluationResult, names: Sequence[str], radius: in
         test = f"Wilcoxon signed-rank test ({w['first']} vs {w['second']}, {w['region']} RMSE): "
         test += f"not computed ({w['note']}; n = {w['n']})."
     else:
+        p = f"p = {w['p_value']:.4g}" if w["p_value"] is not None else "p not given"
         test = (
             f"Wilcoxon signed-rank test ({w['first']} vs {w['second']}, paired {w['region']} RMSE, "
-            f"n = {w['n']}): W = {w['statistic']:g}, p = {w['p_value']:.4g}; {w['note']}."
+            f"n = {w['n']}): median relative change {100 * w['median_relative_change']:+.1f} %, "
+            f"W = {w['statistic']:g}, {p}; {w['note']}."
         )
     text = (
         "# Evaluation\n\n"
