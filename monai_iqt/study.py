@@ -78,7 +78,7 @@ PER_CELL_SETTINGS = (
     "overwrite",
 )
 #: Training settings that do not change what a cell learns; a rerun may change them.
-NOT_COMPARED = ("bundle_root", "device", "num_workers", "log_interval")
+NOT_COMPARED = ("bundle_root", "device", "num_workers", "log_interval", "cache_patches")
 MB = 1e6
 
 

@@ -65,7 +65,7 @@ _INTEGERS = {
     "num_workers": 0,
     "log_interval": 1,
 }
-_FLAGS = ("memory_efficient", "resume", "overwrite", "predict_variance", "amp")
+_FLAGS = ("memory_efficient", "resume", "overwrite", "predict_variance", "amp", "cache_patches")
 #: Settings a resume must share with the runs it continues, in the order they are compared.
 RESUME_KEYS = (
     "subjects",
