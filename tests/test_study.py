@@ -303,7 +303,7 @@ def test_study_writes_the_fig4_table_metrics_and_figures(reference: Path) -> Non
     change = statistics.median((deeper[s] - espcn[s]) / espcn[s] for s in espcn)
     assert f"| ESPCN-RN1 | 1 | 2 | {100 * change:+.1f} % |" in summary
     assert "no p: n = 2 is too small" in summary
-    assert "## Time" in summary and "| all cells |" in summary
+    assert "## Time" in summary and "| all | " in summary and "| Fig. 6 memory" in summary
 
     stdout = (reference / "stdout.txt").read_text()
     finished = [line for line in stdout.splitlines() if "finished: test RMSE interior" in line]
