@@ -206,8 +206,8 @@ def select_subjects(
     held_out = [f for f in candidates if f.name not in trained | validated]
     if not held_out:
         raise InputError(
-            f"every subject in {dataset_dir} was used to train or validate the model; pass --subjects to "
-            "evaluate training subjects anyway."
+            f"every subject in {dataset_dir} was used to train or validate the model; pass "
+            "--subjects to evaluate them anyway."
         )
     lacking = {f.name: [n for n in EVALUATION_FILES if not (f / n).is_file()] for f in held_out}
     lacking = {name: missing for name, missing in lacking.items() if missing}

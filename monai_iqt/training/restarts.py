@@ -187,7 +187,11 @@ class TrainingRun:
         self.last_saver.save_handler.folder = self.run_dir
         self.nan_guard.checkpoint_name = str(self.last_checkpoint) if self.write_outputs else None
         if checkpoint is not None:  # checkpoints written before epoch_times existed lack it
-            objects = {k: v for k, v in self.checkpoint_objects.items() if k in checkpoint}
+            objects = {
+                key: value
+                for key, value in self.checkpoint_objects.items()
+                if key in checkpoint or key != "epoch_times"
+            }
             Checkpoint.load_objects(to_load=objects, checkpoint=checkpoint)
 
     def execute(self) -> None:

@@ -153,7 +153,7 @@ def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
             "models/ there: choose another --output_dir."
         )
     held_out = checked.get("validation_subjects")
-    held_out = None if held_out is None else check_subject_ids(held_out)
+    held_out = None if held_out is None else (check_subject_ids(held_out) or None)
     folders = find_subjects(checked["dataset_dir"], checked.get("subjects"))
     if held_out is not None:
         if checked.get("subjects") is None:  # every subject that is not a validation subject
