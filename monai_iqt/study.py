@@ -820,11 +820,8 @@ def summary_markdown(
     """The Fig. 4 table (mean ± sd over seeds of the test-subject mean), the paired comparisons
     against the ESPCN of the same TVS over (subject, seed) pairs, and the time breakdown."""
     models = _models(rows)
-    cubic = (
-        _cell_means(_matching(rows, {"model": CUBIC}))
-        if _matching(rows, {"model": CUBIC})
-        else None
-    )
+    cubic_rows = _matching(rows, {"model": CUBIC})
+    cubic = _cell_means(cubic_rows) if cubic_rows else None
     lines = [
         "| Model | Subjects (TVS) | Seeds | RMSE Interior | RMSE Exterior | RMSE Total "
         "| Total / cubic B-spline |",
