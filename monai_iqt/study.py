@@ -194,10 +194,12 @@ def check_settings(
     cell_overrides: Mapping[str, Any],
     validation_subjects: Any = None,
     seeds: Any = (0,),
+    default_restarts: Any = 1,
 ) -> tuple[Splits, list[int], list[int], list[int]]:
     """Validate the study before anything is written; one sentence (InputError) per problem.
 
-    Returns (subject splits, depths, training-set sizes, seeds).
+    ``default_restarts``: the training config's ``num_restarts``, for when ``cell_overrides``
+    does not set it. Returns (subject splits, depths, training-set sizes, seeds).
     """
     depths = _int_list(depths, "depths")
     negative = [d for d in depths if d < 0]
@@ -219,7 +221,7 @@ def check_settings(
             f"cell_overrides sets {reserved[0]}, which the study sets for every cell itself."
         )
     checked = check_values(cell_overrides)  # what each cell's training would refuse, refused now
-    seeds = check_seeds(seeds, checked.get("num_restarts", 1))
+    seeds = check_seeds(seeds, checked.get("num_restarts", default_restarts))
     layout.find_subjects(dataset_dir, train[: max(tvs_sizes)])
     layout.find_subjects(dataset_dir, [*(splits.validation or []), *splits.test])
     out = Path(output_dir)
@@ -264,6 +266,13 @@ def unforwarded_settings(
         and key not in (*PER_CELL_SETTINGS, "imports")
         and key not in cell_overrides
     ]
+
+
+def _config_value(train_config: str | os.PathLike, key: str, default: Any) -> Any:
+    """A literal top-level setting of the training config (``default`` if it is not one)."""
+    with open(train_config) as stream:
+        value = json.load(stream).get(key, default)
+    return value if _is_literal(value) else default
 
 
 def _is_literal(value: Any) -> bool:
@@ -538,6 +547,8 @@ def run_study(
     Bad settings raise InputError before anything is written.
     """
     cell_overrides = dict(cell_overrides or {})
+    if not Path(train_config).is_file():
+        raise InputError(f"train_config {train_config} does not exist.")
     splits, depths, tvs_sizes, seeds = check_settings(
         dataset_dir,
         output_dir,
@@ -548,9 +559,8 @@ def run_study(
         cell_overrides,
         validation_subjects,
         seeds,
+        _config_value(train_config, "num_restarts", 1),
     )
-    if not Path(train_config).is_file():
-        raise InputError(f"train_config {train_config} does not exist.")
     for key in unforwarded_settings(train_config, cell_overrides):
         log.warning("training setting %s is not in cell_overrides: cells keep its default", key)
     plan = StudyPlan(

@@ -161,6 +161,8 @@ BAD_SETTINGS = [
         {"seeds": [0, 1], "cell_overrides": {"num_restarts": 2}},
         "seeds 0 and 1 are closer than num_restarts 2",
     ),
+    # without num_restarts in cell_overrides, the training config's default (4) counts
+    ({"seeds": [0, 2]}, "seeds 0 and 2 are closer than num_restarts 4"),
     ({"depths": []}, "depths is empty"),
     ({"tvs_sizes": []}, "tvs_sizes is empty"),
     ({"cell_overrides": {"target_region": "mask"}}, "setting target_region must be one of"),
@@ -229,6 +231,7 @@ def test_a_study_recorded_before_seeds_existed_is_refused(
             output_dir=old,
             train_config=CONFIGS / "train.json",
             **{key: TINY[key] for key in STUDY_SETTINGS if key in TINY},
+            cell_overrides={"num_restarts": 1},
         )
     assert stop.value.code == 2
     assert "made before seeds existed" in capsys.readouterr().err
