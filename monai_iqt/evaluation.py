@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from scipy import stats as scipy_stats
 
 from monai_iqt import figures
 from monai_iqt.bundle import as_bool, check_inference_settings, exit_on_bad_input
@@ -41,6 +40,7 @@ from monai_iqt.metrics import (
     voxel_rms,
 )
 from monai_iqt.outputs import check_writable
+from monai_iqt.paired import paired_comparison
 from preprocessing.io import InputError, write_json, write_text
 from preprocessing.layout import DT_HR, DT_LR, MASK_HR, MASK_LR, find_subjects
 
@@ -109,7 +109,8 @@ def model_label(num_blocks: int) -> str:
 
 
 def model_facts(model: Model) -> dict[str, Any]:
-    """Depth, training-set size and training subjects recorded with a model's weights."""
+    """Depth, training-set size, training and validation subjects recorded with a model's
+    weights."""
     extra = getattr(getattr(model, "stats", None), "extra", None) or {}
     trained = [str(s) for s in extra.get("training_subjects") or []]
     depth = extra.get("num_blocks")
@@ -117,6 +118,7 @@ def model_facts(model: Model) -> dict[str, Any]:
         "depth": None if depth is None else int(depth),
         "tvs": len(trained) if trained else None,
         "training_subjects": trained,
+        "validation_subjects": [str(s) for s in extra.get("validation_subjects") or []],
     }
 
 
@@ -173,32 +175,39 @@ def predict_subject(
 
 
 def select_subjects(
-    dataset_dir: str | os.PathLike, subjects: Any, training_subjects: Sequence[str] = ()
+    dataset_dir: str | os.PathLike,
+    subjects: Any,
+    training_subjects: Sequence[str] = (),
+    validation_subjects: Sequence[str] = (),
 ) -> list[Path]:
     """The subjects to evaluate, as folders.
 
-    Named ``subjects`` are taken as given (a warning names those the models were trained on).
-    Without names: every preprocessed subject of ``dataset_dir`` the models were not trained on;
-    a held-out subject lacking a file evaluation needs (e.g. ``dt_hr``) is named in a warning,
-    or in the error when no held-out subject is complete.
+    Named ``subjects`` are taken as given (a warning names those the models were trained or
+    validated on). Without names: every preprocessed subject of ``dataset_dir`` the models were
+    neither trained nor validated on (a validation subject chose the epoch and the restart, so
+    it is no test subject); a held-out subject lacking a file evaluation needs (e.g. ``dt_hr``)
+    is named in a warning, or in the error when no held-out subject is complete.
     """
     trained = set(training_subjects)
+    validated = set(validation_subjects) - trained
     if _named(subjects):
         folders = find_subjects(dataset_dir, subjects, require=EVALUATION_FILES)
-        used = [f.name for f in folders if f.name in trained]
-        if used:
-            log.warning(
-                "subjects %s were used to train the model: their RMSE does not measure "
-                "generalisation",
-                ", ".join(used),
-            )
+        for role, used_for in (("train", trained), ("validate", validated)):
+            used = [f.name for f in folders if f.name in used_for]
+            if used:
+                log.warning(
+                    "subjects %s were used to %s the model: their RMSE does not measure "
+                    "generalisation",
+                    ", ".join(used),
+                    role,
+                )
         return folders
     candidates = find_subjects(dataset_dir, require=())
-    held_out = [f for f in candidates if f.name not in trained]
+    held_out = [f for f in candidates if f.name not in trained | validated]
     if not held_out:
         raise InputError(
-            f"every subject in {dataset_dir} was used to train the model; pass --subjects to "
-            "evaluate training subjects anyway."
+            f"every subject in {dataset_dir} was used to train or validate the model; pass "
+            "--subjects to evaluate them anyway."
         )
     lacking = {f.name: [n for n in EVALUATION_FILES if not (f / n).is_file()] for f in held_out}
     lacking = {name: missing for name, missing in lacking.items() if missing}
@@ -339,7 +348,8 @@ def evaluate(
             writes nothing (the rows are in the result).
         inferers: models by display name, e.g. ``{"ESPCN": a, "ESPCN-RN2": b}`` (see
             :class:`Model`); none = baselines only.
-        subjects: subject ids; default: every subject none of the models was trained on.
+        subjects: subject ids; default: every subject none of the models was trained or
+            validated on.
         methods: interpolation baselines among nearest, trilinear, cubic.
         interior_radius: LR neighbourhood radius defining the interior (DESIGN.md: 2).
         compare: two model names for the Wilcoxon test (default: first model vs cubic B-spline).
@@ -372,7 +382,8 @@ def evaluate(
         raise InputError(f"compare must name two of the evaluated methods {names}, got {compare}.")
     facts = {name: model_facts(model) for name, model in models.items()}
     trained = sorted({s for f in facts.values() for s in f["training_subjects"]})
-    folders = select_subjects(dataset_dir, subjects, trained)
+    validated = sorted({s for f in facts.values() for s in f["validation_subjects"]})
+    folders = select_subjects(dataset_dir, subjects, trained, validated)
     headers = [inspect_subject(folder) for folder in folders]  # every header before any voxel
     out = None if output_dir is None else check_writable(output_dir)
     figure_subject = str(figure_subject) if figure_subject is not None else headers[0].name
@@ -451,25 +462,14 @@ def _mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray
 
 
 def wilcoxon_test(rows: list[dict], first: str, second: str, region: str = "total") -> dict:
-    """Wilcoxon signed-rank test of paired per-subject RMSE of two models (scipy)."""
-    by_subject: dict[str, dict[str, float]] = {}
+    """The paired comparison (:func:`monai_iqt.paired.paired_comparison`) of two models'
+    per-subject RMSE: n, median relative change, Wilcoxon statistic and p (none for small n)."""
+    by_model: dict[str, dict[str, float]] = {}
     for row in rows:
-        by_subject.setdefault(row["subject"], {})[row["model"]] = row[region]
-    pairs = [(v[first], v[second]) for v in by_subject.values() if first in v and second in v]
-    result = {"first": first, "second": second, "region": region, "n": len(pairs)}
-    differences = [a - b for a, b in pairs]
-    if len(pairs) < 2 or not any(differences):
-        result.update(statistic=None, p_value=None, note="needs two or more subjects that differ")
-        return result
-    test = scipy_stats.wilcoxon([a for a, _ in pairs], [b for _, b in pairs])
-    wins = sum(a < b for a, b in pairs)
-    result.update(
-        statistic=float(test.statistic),
-        p_value=float(test.pvalue),
-        first_better_in=wins,
-        note=f"{first} has the lower {region} RMSE in {wins} of {len(pairs)} subjects",
-    )
-    return result
+        by_model.setdefault(row["model"], {})[row["subject"]] = row[region]
+    return paired_comparison(
+        by_model.get(first, {}), by_model.get(second, {}), first, second, region
+    ).as_dict()
 
 
 def _summary_markdown(result: EvaluationResult, names: Sequence[str], radius: int) -> str:
@@ -480,9 +480,11 @@ def _summary_markdown(result: EvaluationResult, names: Sequence[str], radius: in
         test = f"Wilcoxon signed-rank test ({w['first']} vs {w['second']}, {w['region']} RMSE): "
         test += f"not computed ({w['note']}; n = {w['n']})."
     else:
+        p = f"p = {w['p_value']:.4g}" if w["p_value"] is not None else "p not given"
         test = (
             f"Wilcoxon signed-rank test ({w['first']} vs {w['second']}, paired {w['region']} RMSE, "
-            f"n = {w['n']}): W = {w['statistic']:g}, p = {w['p_value']:.4g}; {w['note']}."
+            f"n = {w['n']}): median relative change {100 * w['median_relative_change']:+.1f} %, "
+            f"W = {w['statistic']:g}, {p}; {w['note']}."
         )
     text = (
         "# Evaluation\n\n"

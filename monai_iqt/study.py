@@ -1,24 +1,30 @@
 """The paper's depth study (Fig. 4 and Fig. 6) in one bundle command.
 
-For every (depth N, training-set size k) cell the bundle's own training runs on the first k
-training subjects (``num_restarts`` restarts, the best on validation kept, validation being the
-bundle's usual patch split) and the exported model is evaluated on the held-out test subjects
-with the project's metrics. The study writes ``metrics.csv`` (one row per test subject and
-model, interpolation baselines included), ``summary.md`` (the Fig. 4 table with paired Wilcoxon
-tests against the ESPCN of the same training-set size and against cubic B-spline interpolation),
-``rmse_vs_depth.png`` and ``memory_time_vs_depth.png`` (Fig. 6: autograd's saved bytes and step
-time against N in both execution modes, measured in the same run).
+Subjects are split three ways: ``train_subjects`` (a cell of training-set size k trains on the
+first k), ``validation_subjects`` (early stopping, restart selection and every choice of a
+setting; none given: each training subject's ``validation_fraction`` of patches, the training
+bundle's fallback) and ``test_subjects`` (reported, never used for a choice); overlapping lists
+are refused. For every (depth N, training-set size k) cell and every entry of ``seeds`` the
+bundle's own training runs (``num_restarts`` restarts with seeds s .. s + K - 1, the best on
+validation kept) and the exported model is evaluated on the test subjects with the project's
+metrics. The study writes ``metrics.csv`` (one row per test subject, model and seed,
+interpolation baselines included), ``summary.md`` (the Fig. 4 table as mean ± sd over seeds of
+the test-subject mean, the paired comparison of each depth against the ESPCN of the same
+training-set size over (subject, seed) pairs, :mod:`monai_iqt.paired`, and where the time
+went), ``rmse_vs_depth.png`` and ``memory_time_vs_depth.png`` (Fig. 6: autograd's saved bytes
+and step time against N in both execution modes, measured in the same run).
 
 How a cell is trained: ``python -m monai.bundle run --config_file <train_config>`` in a fresh
-subprocess, with ``--output_dir <out>/cells/<model>_tvs<k> --num_revnet_blocks N --subjects
-[...]`` and every entry of ``cell_overrides`` (which ``study.json`` fills by reference from the
-merged config, so a setting given on the study's command line or in ``study_cpu.json`` reaches
-the cells). A subprocess per cell isolates memory, dies with the study (``PR_SET_PDEATHSIG``),
-and uses the training's own resume: a killed study rerun continues the unfinished cell from its
-last checkpoint and skips the finished ones. A cell is finished when its record ``cell.json``
-(written last, atomically) exists and matches its ``models/model.pt``; a record made with other
-settings or subjects is refused in one sentence rather than mixed into the table.
-"""
+subprocess, with ``--output_dir <out>/cells/<model>_tvs<k>_seed<s> --num_revnet_blocks N
+--subjects [...] --validation_subjects [...] --seed s`` and every entry of ``cell_overrides``
+(which ``study.json`` fills by reference from the merged config, so a setting given on the
+study's command line or in ``study_cpu.json`` reaches the cells). A subprocess per cell
+isolates memory, dies with the study (``PR_SET_PDEATHSIG``), and uses the training's own
+resume: a killed study rerun continues the unfinished cell from its last checkpoint and skips
+the finished ones. A cell is finished when its record ``cell.json`` (written last, atomically)
+exists and matches its ``models/model.pt``; a record made with other settings or subjects is
+refused in one sentence rather than mixed into the table, and so is a study recorded before
+seeds existed (its cells are named without a seed)."""
 
 from __future__ import annotations
 
@@ -41,12 +47,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats as scipy_stats
 
 from monai_iqt import evaluation
 from monai_iqt.bundle import check_inference_settings, exit_on_bad_input
 from monai_iqt.inferers import DEFAULT_ROI_SIZE
 from monai_iqt.metrics import REGIONS
+from monai_iqt.paired import PairedComparison, paired_comparison
 from monai_iqt.training.settings import RECORDED_SINCE, check_values
 from preprocessing import layout
 from preprocessing.io import InputError, atomic_path, write_json, write_text
@@ -57,7 +63,7 @@ CELLS_DIR = "cells"
 CELL_RECORD = "cell.json"
 CELL_LOG = "training.log"
 STUDY_RECORD = "study.json"
-METRICS_COLUMNS = ("subject", "model", "depth", "tvs", "interior", "exterior", "total")
+METRICS_COLUMNS = ("subject", "model", "depth", "tvs", "seed", "interior", "exterior", "total")
 BASELINES = ("nearest", "trilinear", "cubic")
 CUBIC = evaluation.BASELINE_NAMES["cubic"]
 #: Settings the study decides for every cell itself; ``cell_overrides`` may not set them.
@@ -66,21 +72,24 @@ PER_CELL_SETTINGS = (
     "output_dir",
     "dataset_dir",
     "subjects",
+    "validation_subjects",
+    "seed",
     "num_revnet_blocks",
     "resume",
     "overwrite",
 )
 #: Training settings that do not change what a cell learns; a rerun may change them.
-NOT_COMPARED = ("bundle_root", "device", "num_workers", "log_interval")
+NOT_COMPARED = ("bundle_root", "device", "num_workers", "log_interval", "cache_patches")
 MB = 1e6
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One (depth, training-set size) cell of the study grid."""
+    """One (depth, training-set size) cell of the study grid, trained with one seed."""
 
     depth: int
     tvs: int
+    seed: int = 0
 
     @property
     def model(self) -> str:
@@ -88,7 +97,7 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return f"{self.model}_tvs{self.tvs}"
+        return f"{self.model}_tvs{self.tvs}_seed{self.seed}"
 
 
 # --------------------------------------------------------------------------- settings
@@ -113,6 +122,69 @@ def _int_list(value: Any, name: str) -> list[int]:
     return numbers
 
 
+@dataclass(frozen=True)
+class Splits:
+    """The study's subjects: train (a cell of size k uses the first k), validation (early
+    stopping, restart selection, every choice of a setting; none: each training subject's
+    ``validation_fraction`` of patches) and test (reported only)."""
+
+    train: list[str]
+    validation: list[str] | None
+    test: list[str]
+
+
+def check_splits(
+    dataset_dir: str | os.PathLike,
+    train_subjects: Any,
+    validation_subjects: Any,
+    test_subjects: Any,
+) -> Splits:
+    """The three subject lists, disjoint; ``train_subjects`` None means every preprocessed
+    subject of ``dataset_dir`` that is neither a validation nor a test subject."""
+    if test_subjects is None:
+        raise InputError("test_subjects is not set: name the held-out test subjects.")
+    test = layout.check_subject_ids(test_subjects)
+    if not test:
+        raise InputError("test_subjects is empty: name the held-out test subjects.")
+    validation = None
+    if validation_subjects is not None:
+        validation = layout.check_subject_ids(validation_subjects) or None
+    held_out = [*(validation or []), *test]
+    if train_subjects is None:
+        available = [f.name for f in layout.find_subjects(dataset_dir)]
+        train = [s for s in available if s not in held_out]
+    else:
+        train = layout.check_subject_ids(train_subjects)
+    roles = (("training", train), ("validation", validation or []), ("test", test))
+    for number, (first, first_subjects) in enumerate(roles):
+        for second, second_subjects in roles[number + 1 :]:
+            overlap = [s for s in first_subjects if s in second_subjects]
+            if overlap:
+                raise InputError(
+                    f"subject {overlap[0]} is both a {first} and a {second} subject: the "
+                    "train, validation and test subjects must be disjoint."
+                )
+    return Splits(train, validation, test)
+
+
+def check_seeds(seeds: Any, num_restarts: Any) -> list[int]:
+    """The seeds, each >= 0 and at least ``num_restarts`` apart: a cell trained with seed s runs
+    its restarts with seeds s .. s + num_restarts - 1, which another seed must not reuse."""
+    seeds = _int_list(seeds, "seeds")
+    negative = [s for s in seeds if s < 0]
+    if negative:
+        raise InputError(f"seeds must be >= 0, got {negative[0]}.")
+    restarts = int(num_restarts) if isinstance(num_restarts, int) else 1
+    ordered = sorted(seeds)
+    for low, high in zip(ordered, ordered[1:], strict=False):
+        if high - low < restarts:
+            raise InputError(
+                f"seeds {low} and {high} are closer than num_restarts {restarts}: seed {low}'s "
+                f"restarts would reuse seed {high}; space the seeds at least {restarts} apart."
+            )
+    return seeds
+
+
 def check_settings(
     dataset_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -121,11 +193,14 @@ def check_settings(
     depths: Any,
     tvs_sizes: Any,
     cell_overrides: Mapping[str, Any],
-) -> tuple[list[str], list[str], list[int], list[int]]:
+    validation_subjects: Any = None,
+    seeds: Any = (0,),
+    default_restarts: Any = 1,
+) -> tuple[Splits, list[int], list[int], list[int]]:
     """Validate the study before anything is written; one sentence (InputError) per problem.
 
-    ``train_subjects`` None means every preprocessed subject of ``dataset_dir`` that is not a
-    test subject. Returns (train subjects, test subjects, depths, training-set sizes).
+    ``default_restarts``: the training config's ``num_restarts``, for when ``cell_overrides``
+    does not set it. Returns (subject splits, depths, training-set sizes, seeds).
     """
     depths = _int_list(depths, "depths")
     negative = [d for d in depths if d < 0]
@@ -134,35 +209,22 @@ def check_settings(
     tvs_sizes = _int_list(tvs_sizes, "tvs_sizes")
     if min(tvs_sizes) < 1:
         raise InputError(f"tvs_sizes must be >= 1 subject, got {min(tvs_sizes)}.")
-    if test_subjects is None:
-        raise InputError("test_subjects is not set: name the held-out test subjects.")
-    test = layout.check_subject_ids(test_subjects)
-    if not test:
-        raise InputError("test_subjects is empty: name the held-out test subjects.")
-    if train_subjects is None:
-        available = [f.name for f in layout.find_subjects(dataset_dir)]
-        train = [s for s in available if s not in test]
-    else:
-        train = layout.check_subject_ids(train_subjects)
-    overlap = [s for s in train if s in test]
-    if overlap:
-        raise InputError(
-            f"subject {overlap[0]} is both a training and a test subject; test subjects must be "
-            "held out."
-        )
+    splits = check_splits(dataset_dir, train_subjects, validation_subjects, test_subjects)
+    train = splits.train
     if max(tvs_sizes) > len(train):
         raise InputError(
             f"tvs_sizes asks for {max(tvs_sizes)} training subjects but only {len(train)} "
             f"are given ({', '.join(train) or 'none'})."
         )
-    layout.find_subjects(dataset_dir, train[: max(tvs_sizes)])
-    layout.find_subjects(dataset_dir, test)
     reserved = [k for k in cell_overrides if k in PER_CELL_SETTINGS]
     if reserved:
         raise InputError(
             f"cell_overrides sets {reserved[0]}, which the study sets for every cell itself."
         )
-    check_values(cell_overrides)  # what each cell's training would refuse, refused now
+    checked = check_values(cell_overrides)  # what each cell's training would refuse, refused now
+    seeds = check_seeds(seeds, checked.get("num_restarts", default_restarts))
+    layout.find_subjects(dataset_dir, train[: max(tvs_sizes)])
+    layout.find_subjects(dataset_dir, [*(splits.validation or []), *splits.test])
     out = Path(output_dir)
     if out.resolve() == Path(dataset_dir).resolve() or layout.holds_preprocessed_data(out):
         raise InputError(f"output_dir {out} holds preprocessed subjects: choose another folder.")
@@ -171,7 +233,24 @@ def check_settings(
             f"output_dir {out} holds files that are not a study's (no {STUDY_RECORD}): choose an "
             "empty or new folder."
         )
-    return train, test, depths, tvs_sizes
+    _check_study_record(out / STUDY_RECORD)
+    return splits, depths, tvs_sizes, seeds
+
+
+def _check_study_record(path: Path) -> None:
+    """A study recorded before seeds existed named its cells without a seed: it is refused
+    rather than mixed with cells trained per seed."""
+    if not path.is_file():
+        return
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as error:
+        raise InputError(f"{path} is not a readable study record ({error}).") from error
+    if not isinstance(record, dict) or "seeds" not in record:
+        raise InputError(
+            f"{path} records a study made before seeds existed (one cell per depth and TVS, "
+            "no seed): choose a new output_dir for a study with seeds."
+        )
 
 
 def unforwarded_settings(
@@ -188,6 +267,13 @@ def unforwarded_settings(
         and key not in (*PER_CELL_SETTINGS, "imports")
         and key not in cell_overrides
     ]
+
+
+def _config_value(train_config: str | os.PathLike, key: str, default: Any) -> Any:
+    """A literal top-level setting of the training config (``default`` if it is not one)."""
+    with open(train_config) as stream:
+        value = json.load(stream).get(key, default)
+    return value if _is_literal(value) else default
 
 
 def _is_literal(value: Any) -> bool:
@@ -232,6 +318,7 @@ def cell_command(
     cell: Cell,
     subjects: Sequence[str],
     settings: Mapping[str, Any],
+    validation_subjects: Sequence[str] | None = None,
 ) -> list[str]:
     """The training bundle command of one cell; values as Python literals (fire parses them).
 
@@ -244,6 +331,8 @@ def cell_command(
         "output_dir": str(cell_dir.resolve()),
         "num_revnet_blocks": cell.depth,
         "subjects": list(subjects),
+        "validation_subjects": None if validation_subjects is None else list(validation_subjects),
+        "seed": cell.seed,
         "resume": True,
     }
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file"]
@@ -374,6 +463,27 @@ def _best_val_rmse(cell_dir: Path) -> float | None:
         return None
 
 
+#: The parts of a cell's time, in the order the log and the summary give them.
+TIME_PARTS = ("patches", "step", "validation", "other", "setup", "evaluation")
+
+
+def _training_times(cell_dir: Path, training_seconds: float) -> dict[str, float]:
+    """A cell's training time split as its runs recorded it (``runs.json``: patches, step,
+    validation, other, per epoch), ``setup`` being the rest of the subprocess's wall time
+    (start, reading the subjects, statistics, checkpoints, export)."""
+    try:
+        runs = json.loads((cell_dir / "runs" / "runs.json").read_text())["runs"]
+    except (OSError, ValueError, KeyError):
+        runs = []
+    times = dict.fromkeys(TIME_PARTS[:4], 0.0)
+    for run in runs:
+        for part, seconds in (run.get("epoch_seconds") or {}).items():
+            if part in times:
+                times[part] += float(seconds)
+    times["setup"] = max(0.0, training_seconds - sum(times.values()))
+    return {part: round(value, 1) for part, value in times.items()}
+
+
 def _cell_means(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return {region: float(np.mean([r[region] for r in rows])) for region in REGIONS}
 
@@ -387,12 +497,15 @@ class StudyPlan:
 
     dataset_dir: Path
     out: Path
-    train: list[str]
-    test: list[str]
+    splits: Splits
     settings: dict[str, Any]
     train_config: Path
     device: str | None
     evaluation: dict[str, Any]  # test subjects, interior radius, inferer options
+
+    @property
+    def test(self) -> list[str]:
+        return self.splits.test
 
     def cell_dir(self, cell: Cell) -> Path:
         return self.out / CELLS_DIR / cell.name
@@ -401,7 +514,9 @@ class StudyPlan:
         """What a cell is trained with (compared with a finished cell's record)."""
         return {
             "depth": cell.depth,
-            "subjects": list(self.train[: cell.tvs]),
+            "seed": cell.seed,
+            "subjects": list(self.splits.train[: cell.tvs]),
+            "validation_subjects": self.splits.validation,
             "settings": dict(self.settings),
         }
 
@@ -420,15 +535,18 @@ def run_study(
     inferer_options: Mapping[str, Any] | None = None,
     memory_batch_size: int = 2,
     memory_steps: int = 3,
+    validation_subjects: Any = None,
+    seeds: Any = (0,),
 ) -> dict[str, Any]:
-    """Train and evaluate every (depth, training-set size) cell; write the study's outputs.
+    """Train and evaluate every (depth, training-set size, seed) cell; write the outputs.
 
     Args:
         dataset_dir: preprocessed subjects.
         output_dir: the study folder (``cells/``, tables, figures).
-        test_subjects: held-out subjects every model is evaluated on.
+        test_subjects: held-out subjects every model is evaluated on (reported, never used
+            for a choice).
         train_subjects: ordered training subjects; a cell of size k uses the first k
-            (default: every other subject of ``dataset_dir``).
+            (default: every subject of ``dataset_dir`` that is neither validation nor test).
         depths, tvs_sizes: the grid (reversible blocks per stack, training-set sizes).
         train_config: the training bundle config each cell runs.
         cell_overrides: settings passed to every cell's training command.
@@ -436,36 +554,47 @@ def run_study(
         interior_radius: the metrics' interior definition (LR voxels).
         inferer_options: extra arguments of ``monai_iqt.inferers.make_inferer``.
         memory_batch_size, memory_steps: the Fig. 6 measurement's batch and timed steps.
+        validation_subjects: subjects every cell validates on (early stopping, restart
+            selection); none: each training subject's ``validation_fraction`` of patches.
+        seeds: every cell is trained once per seed (its restarts use seed .. seed + K - 1).
 
     Returns ``{"rows": metrics rows, "cells": cell records, "files": {name: path}}``.
     Bad settings raise InputError before anything is written.
     """
     cell_overrides = dict(cell_overrides or {})
-    train, test, depths, tvs_sizes = check_settings(
-        dataset_dir, output_dir, train_subjects, test_subjects, depths, tvs_sizes, cell_overrides
-    )
     if not Path(train_config).is_file():
         raise InputError(f"train_config {train_config} does not exist.")
+    splits, depths, tvs_sizes, seeds = check_settings(
+        dataset_dir,
+        output_dir,
+        train_subjects,
+        test_subjects,
+        depths,
+        tvs_sizes,
+        cell_overrides,
+        validation_subjects,
+        seeds,
+        _config_value(train_config, "num_restarts", 1),
+    )
     check_inferer_options(inferer_options or {}, cell_overrides)
     for key in unforwarded_settings(train_config, cell_overrides):
         log.warning("training setting %s is not in cell_overrides: cells keep its default", key)
     plan = StudyPlan(
         dataset_dir=Path(dataset_dir),
         out=Path(output_dir),
-        train=train,
-        test=test,
+        splits=splits,
         settings=_jsonable(cell_overrides),
         train_config=Path(train_config),
         device=device,
         evaluation=_jsonable(
             {
-                "test_subjects": test,
+                "test_subjects": splits.test,
                 "interior_radius": int(interior_radius),
                 "inferer_options": dict(inferer_options or {}),
             }
         ),
     )
-    cells = [Cell(depth, tvs) for tvs in tvs_sizes for depth in depths]
+    cells = [Cell(depth, tvs, seed) for tvs in tvs_sizes for depth in depths for seed in seeds]
     finished = {}
     for cell in cells:  # before anything is written: refuse records made with other settings
         record = read_cell_record(plan.cell_dir(cell))
@@ -475,22 +604,41 @@ def run_study(
     write_json(
         plan.out / STUDY_RECORD,
         {
-            "train_subjects": train,
+            "train_subjects": splits.train,
+            "validation_subjects": splits.validation,
+            "test_subjects": splits.test,
             "depths": depths,
             "tvs_sizes": tvs_sizes,
+            "seeds": seeds,
             "cell_settings": plan.settings,
             "evaluation": plan.evaluation,
         },
     )
-    baseline_rows = evaluate_models(dataset_dir, test, {}, BASELINES, interior_radius)
+    log.info(
+        "study: %d cells (depths %s, TVS %s, seeds %s); training subjects %s, validation %s, "
+        "test %s",
+        len(cells),
+        depths,
+        tvs_sizes,
+        seeds,
+        ", ".join(splits.train),
+        ", ".join(splits.validation) if splits.validation else "a fraction of training patches",
+        ", ".join(splits.test),
+    )
+    start = time.perf_counter()
+    baseline_rows = evaluate_models(dataset_dir, splits.test, {}, BASELINES, interior_radius)
+    baseline_seconds = round(time.perf_counter() - start, 1)
     records: list[dict[str, Any]] = []
     for number, cell in enumerate(cells, 1):
         record = _run_cell(plan, cell, finished.get(cell))
         records.append(record)
         _log_cell(number, len(cells), cell, record)
-        _write_tables(plan, baseline_rows, records)
+        _write_tables(plan, baseline_rows, records, baseline_seconds)
+    start = time.perf_counter()
     memory = measure_memory_time(depths, device, memory_batch_size, memory_steps)
-    files = _write_tables(plan, baseline_rows, records)
+    memory_seconds = round(time.perf_counter() - start, 1)
+    log.info("memory and step time per depth measured in %.0f s", memory_seconds)
+    files = _write_tables(plan, baseline_rows, records, baseline_seconds, memory_seconds)
     rows = metrics_rows(baseline_rows, records)
     files["memory_time_json"] = write_json(plan.out / "memory_time.json", memory)
     files["rmse_vs_depth"] = rmse_vs_depth_figure(rows, plan.out / "rmse_vs_depth.png")
@@ -502,25 +650,37 @@ def run_study(
 
 
 def _log_cell(number: int, total: int, cell: Cell, record: Mapping[str, Any]) -> None:
-    """The one log line of a finished (or skipped) cell, with its figures."""
+    """The one log line of a finished (or skipped) cell, with its figures and time breakdown."""
     rows = record["evaluation"]["rows"]
     means = _cell_means(rows)
+    times = _record_times(record)
     log.info(
-        "cell %d/%d %s (N=%d, %d training subjects) %s: test RMSE interior %.3f, exterior "
-        "%.3f, total %.3f (1e-5 mm^2/s, %d subjects), best val RMSE %s, %.0f s training",
+        "cell %d/%d %s (N=%d, %d training subjects, seed %d) %s: test RMSE interior %.3f, "
+        "exterior %.3f, total %.3f (1e-5 mm^2/s, %d subjects), best val RMSE %s; time %.0f s = "
+        "%s",
         number,
         total,
         cell.name,
         cell.depth,
         cell.tvs,
+        cell.seed,
         "skipped (finished before)" if record.get("skipped") else "finished",
         means["interior"],
         means["exterior"],
         means["total"],
         len(rows),
         _format_float(record.get("best_val_rmse")),
-        record["training_seconds"],
+        sum(times.values()),
+        " + ".join(f"{part} {times[part]:.0f}" for part in TIME_PARTS),
     )
+
+
+def _record_times(record: Mapping[str, Any]) -> dict[str, float]:
+    """A cell record's seconds per part (:data:`TIME_PARTS`); zeros where not recorded."""
+    times = dict.fromkeys(TIME_PARTS, 0.0)
+    times.update(record.get("seconds") or {})
+    times["evaluation"] = float(record["evaluation"].get("seconds", 0.0))
+    return times
 
 
 def _run_cell(plan: StudyPlan, cell: Cell, record: dict[str, Any] | None) -> dict[str, Any]:
@@ -539,6 +699,7 @@ def _run_cell(plan: StudyPlan, cell: Cell, record: dict[str, Any] | None) -> dic
             cell,
             training["subjects"],
             plan.settings,
+            plan.splits.validation,
         )
         log.info("cell %s: training (log: %s)", cell.name, cell_dir / CELL_LOG)
         seconds = train_cell(command, cell, cell_dir)
@@ -547,11 +708,14 @@ def _run_cell(plan: StudyPlan, cell: Cell, record: dict[str, Any] | None) -> dic
             "model": cell.model,
             "depth": cell.depth,
             "tvs": cell.tvs,
+            "seed": cell.seed,
             "training": training,
             "model_sha256": sha256_of(cell_dir / "models" / "model.pt"),
             "best_val_rmse": _best_val_rmse(cell_dir),
             "training_seconds": round(seconds, 1),
+            "seconds": _training_times(cell_dir, seconds),
         }
+    start = time.perf_counter()
     rows = evaluate_cell(
         cell_dir,
         plan.dataset_dir,
@@ -562,7 +726,11 @@ def _run_cell(plan: StudyPlan, cell: Cell, record: dict[str, Any] | None) -> dic
     )
     for row in rows:
         row["model"] = cell.model
-    record["evaluation"] = {"settings": plan.evaluation, "rows": rows}
+    record["evaluation"] = {
+        "settings": plan.evaluation,
+        "rows": rows,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     write_json(cell_dir / CELL_RECORD, {k: v for k, v in record.items() if k != "skipped"})
     return record
 
@@ -571,11 +739,12 @@ def _check_same_training(
     cell_dir: Path, recorded: Mapping[str, Any], wanted: Mapping[str, Any]
 ) -> None:
     """A finished cell made with other settings or subjects is not silently reused."""
-    for key in ("subjects", "depth"):
-        if recorded.get(key) != wanted[key]:
+    for key in ("subjects", "depth", "seed", "validation_subjects"):
+        if recorded.get(key) != wanted.get(key):
             raise InputError(
-                f"cell {cell_dir} was trained with {key} {recorded.get(key)}, not {wanted[key]}: "
-                "use another output_dir, or delete that cell folder to train it again."
+                f"cell {cell_dir} was trained with {key} {recorded.get(key)}, not "
+                f"{wanted.get(key)}: use another output_dir, or delete that cell folder to train "
+                "it again."
             )
     old, new = recorded.get("settings", {}), wanted["settings"]
     for key in sorted((set(old) | set(new)) - set(NOT_COMPARED)):
@@ -593,12 +762,18 @@ def _check_same_training(
 def metrics_rows(
     baseline_rows: Sequence[Mapping[str, Any]], records: Sequence[Mapping[str, Any]]
 ) -> list[dict[str, Any]]:
-    """Rows of ``metrics.csv``: baselines (empty depth and tvs), then every cell's models."""
-    rows = [{**r, "depth": "", "tvs": ""} for r in baseline_rows]
+    """Rows of ``metrics.csv``: baselines (empty depth, tvs and seed), then every cell's."""
+    rows = [{**r, "depth": "", "tvs": "", "seed": ""} for r in baseline_rows]
     for record in records:
         for row in record["evaluation"]["rows"]:
             rows.append(
-                {**row, "model": record["model"], "depth": record["depth"], "tvs": record["tvs"]}
+                {
+                    **row,
+                    "model": record["model"],
+                    "depth": record["depth"],
+                    "tvs": record["tvs"],
+                    "seed": record["seed"],
+                }
             )
     return [{column: row[column] for column in METRICS_COLUMNS} for row in rows]
 
@@ -613,21 +788,24 @@ def write_metrics_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     return write_text(path, buffer.getvalue())
 
 
+def _matching(rows: Sequence[Mapping[str, Any]], match: Mapping[str, Any]) -> list[Mapping]:
+    return [r for r in rows if all(r[k] == v for k, v in match.items())]
+
+
 def paired_wilcoxon(
-    rows: Sequence[Mapping[str, Any]], first: Mapping[str, Any], second: Mapping[str, Any]
-) -> float | None:
-    """Two-sided p-value of the Wilcoxon signed-rank test of paired per-subject total RMSE of
-    the rows matching ``first`` and ``second`` (None with fewer than two differing pairs)."""
+    rows: Sequence[Mapping[str, Any]],
+    first: Mapping[str, Any],
+    second: Mapping[str, Any],
+    region: str = "total",
+) -> PairedComparison:
+    """The paired comparison (:func:`monai_iqt.paired.paired_comparison`) of the rows matching
+    ``first`` and ``second``, paired by (test subject, seed)."""
 
-    def totals(match: Mapping[str, Any]) -> dict[str, float]:
-        return {r["subject"]: r["total"] for r in rows if all(r[k] == v for k, v in match.items())}
+    def by_pair(match: Mapping[str, Any]) -> dict[tuple[str, Any], float]:
+        return {(r["subject"], r.get("seed", "")): r[region] for r in _matching(rows, match)}
 
-    a, b = totals(first), totals(second)
-    subjects = [s for s in a if s in b]
-    differences = [a[s] - b[s] for s in subjects]
-    if len(subjects) < 2 or not any(differences):
-        return None
-    return float(scipy_stats.wilcoxon([a[s] for s in subjects], [b[s] for s in subjects]).pvalue)
+    names = [str(m.get("model", m)) for m in (first, second)]
+    return paired_comparison(by_pair(first), by_pair(second), *names, region=region)
 
 
 def _format_float(value: float | None, digits: int = 4) -> str:
@@ -637,78 +815,174 @@ def _format_float(value: float | None, digits: int = 4) -> str:
 def _mean_std(values: Sequence[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
-    return f"{np.mean(values):.2f} (± {np.std(values, ddof=1):.2f})"
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
 
 
-def summary_markdown(
-    rows: Sequence[Mapping[str, Any]], test: Sequence[str], settings: Mapping[str, Any]
-) -> str:
-    """The Fig. 4 table (mean (± std) over test subjects) with the Wilcoxon p-values."""
+def _models(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, int, int]]:
+    """(model, depth, tvs) of every trained cell, by TVS then depth."""
     models = []
     for row in rows:
         key = (row["model"], row["depth"], row["tvs"])
         if row["depth"] != "" and key not in models:
             models.append(key)
-    models.sort(key=lambda k: (k[2], k[1]))
+    return sorted(models, key=lambda k: (k[2], k[1]))
+
+
+def seed_means(
+    rows: Sequence[Mapping[str, Any]], model: str, depth: int, tvs: int
+) -> dict[Any, dict[str, float]]:
+    """Per seed, the cell's mean RMSE over the test subjects, per region."""
+    mine = _matching(rows, {"model": model, "depth": depth, "tvs": tvs})
+    seeds = sorted({r["seed"] for r in mine}, key=str)
+    return {seed: _cell_means([r for r in mine if r["seed"] == seed]) for seed in seeds}
+
+
+def summary_markdown(
+    rows: Sequence[Mapping[str, Any]],
+    splits: Splits,
+    settings: Mapping[str, Any],
+    times: Sequence[Mapping[str, Any]] = (),
+) -> str:
+    """The Fig. 4 table (mean ± sd over seeds of the test-subject mean), the paired comparisons
+    against the ESPCN of the same TVS over (subject, seed) pairs, and the time breakdown."""
+    models = _models(rows)
+    cubic_rows = _matching(rows, {"model": CUBIC})
+    cubic = _cell_means(cubic_rows) if cubic_rows else None
     lines = [
-        "| Model | Subjects (TVS) | RMSE Interior | RMSE Exterior | RMSE Total "
-        "| p vs ESPCN (same TVS) | p vs cubic B-spline |",
+        "| Model | Subjects (TVS) | Seeds | RMSE Interior | RMSE Exterior | RMSE Total "
+        "| Total / cubic B-spline |",
         "|---|---|---|---|---|---|---|",
     ]
-    cubic = {"model": CUBIC}
     for model, depth, tvs in models:
-        match = {"model": model, "depth": depth, "tvs": tvs}
-        mine = [r for r in rows if all(r[k] == v for k, v in match.items())]
-        figures = " | ".join(_mean_std([r[region] for r in mine]) for region in REGIONS)
+        per_seed = seed_means(rows, model, depth, tvs)
+        figures = " | ".join(
+            _mean_std([m[region] for m in per_seed.values()]) for region in REGIONS
+        )
+        total = float(np.mean([m["total"] for m in per_seed.values()]))
+        ratio = f"{total / cubic['total']:.3f}" if cubic else "n/a"
+        lines.append(f"| {model} | {tvs} | {len(per_seed)} | {figures} | {ratio} |")
+    if cubic:
+        figures = " | ".join(f"{cubic[region]:.2f}" for region in REGIONS)
+        lines.append(f"| {CUBIC} | — | — | {figures} | 1.000 |")
+    comparisons = [
+        "| Model | Subjects (TVS) | n pairs | Median change of total RMSE | W | p |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, depth, tvs in models:
+        if depth == 0:
+            continue
         espcn = {"model": evaluation.model_label(0), "depth": 0, "tvs": tvs}
-        p_espcn = "—" if depth == 0 else _format_float(paired_wilcoxon(rows, match, espcn))
-        p_cubic = _format_float(paired_wilcoxon(rows, match, cubic))
-        lines.append(f"| {model} | {tvs} | {figures} | {p_espcn} | {p_cubic} |")
-    mine = [r for r in rows if r["model"] == CUBIC]
-    figures = " | ".join(_mean_std([r[region] for r in mine]) for region in REGIONS)
-    lines.append(f"| {CUBIC} | — | {figures} | | |")
+        result = paired_wilcoxon(rows, {"model": model, "depth": depth, "tvs": tvs}, espcn)
+        change = (
+            "n/a"
+            if result.median_relative_change is None
+            else f"{100 * result.median_relative_change:+.1f} %"
+        )
+        statistic = "n/a" if result.statistic is None else f"{result.statistic:g}"
+        comparisons.append(
+            f"| {model} | {tvs} | {result.n} | {change} | {statistic} | {result.p_text()} |"
+        )
+    validation = (
+        ", ".join(splits.validation)
+        if splits.validation
+        else "none (each training subject's validation_fraction of patches)"
+    )
     text = [
         "# Depth study",
         "",
-        f"RMSE over the 6 tensor elements of brain voxels, in 1e-5 mm²/s, mean (± std) over "
-        f"{len(test)} test subjects ({', '.join(test)}). p: two-sided Wilcoxon signed-rank test "
-        "of the paired per-subject total RMSE.",
+        f"Subjects: training {', '.join(splits.train)} (a cell of TVS k uses the first k); "
+        f"validation {validation} (early stopping, restart selection); test "
+        f"{', '.join(splits.test)} (reported only, used for no choice).",
+        "",
+        "RMSE over the 6 tensor elements of brain voxels of the test subjects, in 1e-5 mm²/s: "
+        "per cell, mean ± sd over seeds of the mean over test subjects (one seed: that "
+        "value); cubic B-spline: mean over test subjects.",
         "",
         *lines,
         "",
     ]
+    if len(comparisons) > 2:
+        text += [
+            "## Paired comparison against ESPCN of the same TVS",
+            "",
+            "Pairs: (test subject, seed). Change: median over pairs of (RMSE − RMSE of "
+            "ESPCN) / RMSE of ESPCN, total RMSE. W and p: two-sided Wilcoxon signed-rank test "
+            "(scipy.stats.wilcoxon); no p where n is too small for p < 0.05 to be reachable "
+            "(the smallest two-sided p with n pairs is 2 / 2^n: n ≤ 5).",
+            "",
+            *comparisons,
+            "",
+        ]
     best = _best_model(rows, models)
-    if best is not None:
-        model, tvs, means, cubic_means = best
+    if best is not None and cubic:
+        model, tvs, means = best
         text.append(
             f"Lowest mean total RMSE: {model} at TVS {tvs}, {means['total']:.2f} = "
-            f"{means['total'] / cubic_means['total']:.3f} × cubic B-spline's "
-            f"{cubic_means['total']:.2f}; interior {means['interior']:.2f} vs "
-            f"{cubic_means['interior']:.2f}."
+            f"{means['total'] / cubic['total']:.3f} × cubic B-spline's {cubic['total']:.2f}; "
+            f"interior {means['interior']:.2f} = "
+            f"{means['interior'] / cubic['interior']:.3f} × cubic's {cubic['interior']:.2f}."
         )
         text.append("")
+    if times:
+        text += ["## Time", "", *time_table(times), ""]
     shown = ", ".join(f"{k}={v!r}" for k, v in settings.items())
     text.append(f"Training settings of every cell: {shown or 'the training config defaults'}.")
     return "\n".join(text) + "\n"
 
 
+def time_table(times: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown lines: seconds per part per cell, and the total per part."""
+    header = " | ".join(TIME_PARTS)
+    lines = [
+        "Seconds per cell: training epochs split into drawing the patches (data loader), the "
+        "training step, validation and the rest of the epoch; setup (start, reading subjects, "
+        "statistics, caching patches, checkpoints, export) and evaluation on the test subjects "
+        "(whole volumes).",
+        "",
+        f"| Cell | {header} | total |",
+        "|---|" + "---|" * (len(TIME_PARTS) + 1),
+    ]
+    sums = dict.fromkeys(TIME_PARTS, 0.0)
+    for entry in times:
+        values = [float(entry["seconds"][part]) for part in TIME_PARTS]
+        for part, value in zip(TIME_PARTS, values, strict=True):
+            sums[part] += value
+        shown = " | ".join(f"{v:.0f}" for v in values)
+        lines.append(f"| {entry['cell']} | {shown} | {sum(values):.0f} |")
+    total = sum(sums.values())
+    shown = " | ".join(f"{sums[p]:.0f} ({100 * sums[p] / total:.0f} %)" for p in TIME_PARTS)
+    lines.append(f"| all | {shown} | {total:.0f} |")
+    return lines
+
+
 def _best_model(rows, models) -> tuple | None:
-    cubic = [r for r in rows if r["model"] == CUBIC]
-    if not models or not cubic:
-        return None
+    """(model, tvs, region means over seeds) of the cell with the lowest mean total RMSE."""
     scored = []
     for model, depth, tvs in models:
-        mine = [r for r in rows if (r["model"], r["depth"], r["tvs"]) == (model, depth, tvs)]
-        scored.append((_cell_means(mine)["total"], model, tvs, _cell_means(mine)))
-    total, model, tvs, means = min(scored, key=lambda s: s[0])
-    return model, tvs, means, _cell_means(cubic)
+        per_seed = seed_means(rows, model, depth, tvs).values()
+        means = {region: float(np.mean([m[region] for m in per_seed])) for region in REGIONS}
+        scored.append((means["total"], model, tvs, means))
+    if not scored:
+        return None
+    _, model, tvs, means = min(scored, key=lambda s: s[0])
+    return model, tvs, means
 
 
 def _write_tables(
-    plan: StudyPlan, baseline_rows: Sequence[Mapping[str, Any]], records: Sequence[Mapping]
+    plan: StudyPlan,
+    baseline_rows: Sequence[Mapping[str, Any]],
+    records: Sequence[Mapping],
+    baseline_seconds: float = 0.0,
+    memory_seconds: float | None = None,
 ) -> dict[str, Path]:
     rows = metrics_rows(baseline_rows, records)
-    summary = summary_markdown(rows, plan.test, plan.settings)
+    times = [{"cell": r["cell"], "seconds": _record_times(r)} for r in records]
+    baselines = {**dict.fromkeys(TIME_PARTS, 0.0), "evaluation": baseline_seconds}
+    times.append({"cell": "interpolation baselines", "seconds": baselines})
+    if memory_seconds is not None:
+        memory = {**dict.fromkeys(TIME_PARTS, 0.0), "other": memory_seconds}
+        times.append({"cell": "Fig. 6 memory and step time (other)", "seconds": memory})
+    summary = summary_markdown(rows, plan.splits, plan.settings, times)
     return {
         "metrics": write_metrics_csv(plan.out / "metrics.csv", rows),
         "summary": write_text(plan.out / "summary.md", summary),
@@ -772,17 +1046,17 @@ def _save(figure, path: Path) -> Path:
 
 
 def rmse_vs_depth_figure(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """Interior, exterior and total RMSE (mean ± std) against N, one line per TVS."""
+    """Interior, exterior and total RMSE against N, one line per TVS: mean ± sd over seeds of
+    the test-subject mean."""
     plt = _pyplot()
     figure, axes = plt.subplots(1, 3, figsize=(13, 4), layout="constrained")
     tvs_sizes = sorted({r["tvs"] for r in rows if r["tvs"] != ""})
     cubic = [r for r in rows if r["model"] == CUBIC]
     for axis, region in zip(axes, REGIONS, strict=True):
         for tvs in tvs_sizes:
-            depths = sorted({r["depth"] for r in rows if r["tvs"] == tvs})
-            values = [
-                [r[region] for r in rows if r["tvs"] == tvs and r["depth"] == d] for d in depths
-            ]
+            cells = [m for m in _models(rows) if m[2] == tvs]
+            depths = [depth for _, depth, _ in cells]
+            values = [[m[region] for m in seed_means(rows, *cell).values()] for cell in cells]
             axis.errorbar(
                 depths,
                 [np.mean(v) for v in values],

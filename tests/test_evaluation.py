@@ -183,7 +183,16 @@ def test_bundle_evaluation_leaves_out_training_subjects(hand_dataset, tmp_path, 
             dataset_dir=root, output_dir=tmp_path / "eval2", model_path=everything[0],
             normalisation_path=everything[1], device="cpu",
         )  # fmt: skip
-    assert "was used to train the model" in capsys.readouterr().err
+    assert "was used to train or validate the model" in capsys.readouterr().err
+    # a validation subject chose the epoch and the restart: it is no test subject either
+    validated = write_tiny_models(
+        tmp_path / "validated", training_subjects=["hand0"], validation_subjects=["hand2"]
+    )
+    result = bundle_evaluate(
+        dataset_dir=root, output_dir=tmp_path / "eval3", model_path=validated[0],
+        normalisation_path=validated[1], device="cpu",
+    )  # fmt: skip
+    assert {row["subject"] for row in result.rows} == {"hand1"}
 
 
 @pytest.mark.slow

@@ -110,6 +110,40 @@ def test_sampling_is_seeded_split_80_20_and_per_subject(dataset: Path) -> None:
     assert [loc.start for loc in only_b.train_dataset.data] == b_starts
 
 
+def test_validation_subjects_replace_the_patch_split(dataset: Path) -> None:
+    data = build_patch_data(
+        dataset, subjects=["subjA"], validation_subjects=["subjB"], patches_per_subject=40, seed=3
+    )
+    assert (data.subjects, data.validation_subjects) == (["subjA"], ["subjB"])
+    # every patch of the training subject trains; the validation subject gives 40 x 0.2
+    assert {loc.subject for loc in data.train_dataset.data} == {0}
+    assert {loc.subject for loc in data.val_dataset.data} == {1}
+    assert (len(data.train_dataset), len(data.val_dataset)) == (40, 8)
+    split = build_patch_data(dataset, subjects=["subjA"], patches_per_subject=40, seed=3)
+    all_a = {loc.start for loc in split.train_dataset.data + split.val_dataset.data}
+    assert {loc.start for loc in data.train_dataset.data} == all_a
+    extra = data.model_extra()
+    assert extra["training_subjects"] == ["subjA"] and extra["validation_subjects"] == ["subjB"]
+    # subjects None: every subject but the validation subjects trains
+    rest = build_patch_data(dataset, validation_subjects=["subjB"], patches_per_subject=40, seed=3)
+    assert rest.subjects == ["subjA"] and rest.train_dataset.data == data.train_dataset.data
+    with pytest.raises(InputError, match="subject subjA is both a training and a validation"):
+        build_patch_data(dataset, validation_subjects=["subjA"], subjects=["subjA", "subjB"])
+
+
+def test_cached_patches_are_the_patches(dataset: Path) -> None:
+    plain = build_patch_data(dataset, patches_per_subject=20, seed=3)
+    cached = build_patch_data(dataset, patches_per_subject=20, seed=3, cache_patches=True)
+    for a, b in (
+        (plain.train_dataset, cached.train_dataset),
+        (plain.val_dataset, cached.val_dataset),
+    ):
+        assert len(a) == len(b) and a.data == b.data
+        for index in (0, len(a) - 1):
+            for key in ("image", "label"):
+                torch.testing.assert_close(a[index][key], b[index][key], equal_nan=True)
+
+
 def test_shared_target_scale_weighs_every_element_in_mm2_per_s_alike(dataset: Path) -> None:
     per_channel = build_patch_data(dataset, patches_per_subject=40, seed=3, target_region="patch")
     shared = build_patch_data(

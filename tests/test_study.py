@@ -1,6 +1,7 @@
 """The depth study run for real: ``python -m monai.bundle run`` with ``train.json`` + ``study.json``
-in subprocesses on the tiny preprocessed subjects of ``conftest.py`` (train synth000-001, test
-synth002; depths [0, 1], training-set sizes [1, 2]; 1 epoch, 10 patches, 1 restart per cell).
+in subprocesses on the tiny preprocessed subjects of ``conftest.py`` (train synth000, validation
+synth001, test synth002; depths [0, 1], training-set size 1, seeds [0, 1]; 1 epoch, 10 patches,
+1 restart per cell).
 
 An uninterrupted study is the reference for its own outputs and for a study killed (SIGKILL) in
 the middle of a cell and rerun. Bad settings are one sentence and exit code 2.
@@ -12,6 +13,7 @@ import csv
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from monai_iqt.data import NormalisationStats
+from monai_iqt.paired import paired_comparison, smallest_p
 from monai_iqt.study import (
     CUBIC,
     METRICS_COLUMNS,
@@ -35,19 +38,20 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "iqt_espcn_rn" / "configs"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TINY = {
-    "train_subjects": ["synth000", "synth001"],
+    "train_subjects": ["synth000"],
+    "validation_subjects": ["synth001"],
     "test_subjects": ["synth002"],
     "depths": [0, 1],
-    "tvs_sizes": [1, 2],
+    "tvs_sizes": [1],
+    "seeds": [0, 1],
     "epochs": 1,
     "patches_per_subject": 10,
     "num_restarts": 1,
     "batch_size": 4,
     "learning_rate": 0.001,
-    "seed": 0,
     "memory_steps": 1,
 }
-CELLS = ("ESPCN_tvs1", "ESPCN-RN1_tvs1", "ESPCN_tvs2", "ESPCN-RN1_tvs2")
+CELLS = ("ESPCN_tvs1_seed0", "ESPCN_tvs1_seed1", "ESPCN-RN1_tvs1_seed0", "ESPCN-RN1_tvs1_seed1")
 
 
 def study_command(dataset_dir: Path, output_dir: Path, **overrides) -> list[str]:
@@ -90,8 +94,39 @@ def test_wilcoxon_p_value_is_the_exact_signed_rank_probability() -> None:
     for index in range(8):
         rows.append({"subject": f"s{index}", "model": "A", "total": 5.0 + 0.1 * index})
         rows.append({"subject": f"s{index}", "model": "B", "total": 6.0 + 0.3 * index})
-    assert paired_wilcoxon(rows, {"model": "A"}, {"model": "B"}) == pytest.approx(2 / 256)
-    assert paired_wilcoxon(rows[:2], {"model": "A"}, {"model": "B"}) is None  # one pair
+    result = paired_wilcoxon(rows, {"model": "A"}, {"model": "B"})
+    assert result.p_value == pytest.approx(2 / 256) and result.statistic == 0 and result.n == 8
+    changes = [(5.0 + 0.1 * i - 6.0 - 0.3 * i) / (6.0 + 0.3 * i) for i in range(8)]
+    assert result.median_relative_change == pytest.approx(statistics.median(changes))
+    assert result.first_better_in == 8
+    one_pair = paired_wilcoxon(rows[:2], {"model": "A"}, {"model": "B"})
+    assert one_pair.statistic is None and one_pair.p_value is None and one_pair.n == 1
+
+
+def test_pairs_are_subject_and_seed() -> None:
+    # 3 subjects x 2 seeds: 6 pairs, one pair differing in sign; W = rank of the smallest |d|.
+    rows, differences = [], []
+    for seed in (0, 1):
+        for index in range(3):
+            espcn = 6.0 + index + seed
+            change = -0.5 - 0.1 * index - 0.05 * seed if (index, seed) != (0, 0) else 0.05
+            differences.append(change)
+            for model, total in (("ESPCN", espcn), ("ESPCN-RN2", espcn + change)):
+                rows.append({"subject": f"s{index}", "seed": seed, "model": model, "total": total})
+    result = paired_wilcoxon(rows, {"model": "ESPCN-RN2"}, {"model": "ESPCN"})
+    assert result.n == 6 and result.statistic == 1.0  # the one positive difference ranks 1st
+    assert result.p_value == pytest.approx(4 / 64)  # exact: P(W <= 1) two-sided = 2 * 2 / 2^6
+
+
+def test_no_p_where_it_cannot_reach_0_05() -> None:
+    assert smallest_p(5) == pytest.approx(0.0625) and smallest_p(6) == pytest.approx(0.03125)
+    a = {k: 1.0 + 0.1 * k for k in range(5)}
+    b = {k: 2.0 + 0.1 * k for k in range(5)}
+    result = paired_comparison(a, b, "A", "B")
+    assert result.n == 5 and result.statistic == 0.0 and result.p_value is None
+    assert "n = 5 is too small" in result.p_text()
+    six = paired_comparison({**a, 5: 1.5}, {**b, 5: 2.5}, "A", "B")
+    assert six.p_value == pytest.approx(2 / 64) and six.p_text() == "0.03125"
 
 
 def test_study_json_forwards_every_training_setting_to_the_cells() -> None:
@@ -104,10 +139,30 @@ def test_study_json_forwards_every_training_setting_to_the_cells() -> None:
         assert value == f"@{key}" and key in train, key
 
 
+STUDY_SETTINGS = (
+    "train_subjects",
+    "validation_subjects",
+    "test_subjects",
+    "depths",
+    "tvs_sizes",
+    "seeds",
+    "cell_overrides",
+)
 BAD_SETTINGS = [
     ({"depths": [0, -2]}, "depths must be >= 0"),
-    ({"tvs_sizes": [1, 3]}, "tvs_sizes asks for 3 training subjects but only 2"),
-    ({"test_subjects": ["synth002", "synth001"]}, "synth001 is both a training and a test"),
+    ({"tvs_sizes": [1, 3]}, "tvs_sizes asks for 3 training subjects but only 1"),
+    ({"test_subjects": ["synth002", "synth000"]}, "synth000 is both a training and a test"),
+    ({"validation_subjects": ["synth000"]}, "synth000 is both a training and a validation"),
+    ({"validation_subjects": ["synth002"]}, "synth002 is both a validation and a test"),
+    ({"seeds": []}, "seeds is empty"),
+    ({"seeds": [1, 1]}, "seeds lists 1 more than once"),
+    ({"seeds": [0, -1]}, "seeds must be >= 0, got -1"),
+    (
+        {"seeds": [0, 1], "cell_overrides": {"num_restarts": 2}},
+        "seeds 0 and 1 are closer than num_restarts 2",
+    ),
+    # without num_restarts in cell_overrides, the training config's default (4) counts
+    ({"seeds": [0, 2]}, "seeds 0 and 2 are closer than num_restarts 4"),
     ({"depths": []}, "depths is empty"),
     ({"tvs_sizes": []}, "tvs_sizes is empty"),
     ({"cell_overrides": {"target_region": "mask"}}, "setting target_region must be one of"),
@@ -123,11 +178,7 @@ def test_bad_settings_stop_with_one_sentence_and_exit_2(
     overrides: dict,
     sentence: str,
 ) -> None:
-    settings = {
-        key: value
-        for key, value in {**TINY, **overrides}.items()
-        if key in ("train_subjects", "test_subjects", "depths", "tvs_sizes", "cell_overrides")
-    }
+    settings = {key: value for key, value in {**TINY, **overrides}.items() if key in STUDY_SETTINGS}
     with pytest.raises(SystemExit) as stop:
         bundle_study(
             dataset_dir=preprocessed_root,
@@ -141,13 +192,27 @@ def test_bad_settings_stop_with_one_sentence_and_exit_2(
     assert not (tmp_path / "study").exists()
 
 
+COMMAND_LINE_ERRORS = [
+    ({"depths": [0, -2]}, "depths must be >= 0 reversible blocks per stack, got -2."),
+    (
+        {"validation_subjects": ["synth000"]},
+        "subject synth000 is both a training and a validation subject: the train, validation and "
+        "test subjects must be disjoint.",
+    ),
+    ({"seeds": []}, 'seeds is empty: give at least one value, e.g. --seeds "[0, 2]".'),
+    ({"seeds": [3, 3]}, "seeds lists 3 more than once."),
+    ({"seeds": [-1]}, "seeds must be >= 0, got -1."),
+]
+
+
+@pytest.mark.parametrize(("overrides", "sentence"), COMMAND_LINE_ERRORS)
 def test_bad_setting_on_the_command_line_is_one_sentence_and_exit_2(
-    preprocessed_root: Path, tmp_path: Path
+    preprocessed_root: Path, tmp_path: Path, overrides: dict, sentence: str
 ) -> None:
-    result = run_study(preprocessed_root, tmp_path / "study", depths=[0, -2])
+    result = run_study(preprocessed_root, tmp_path / "study", **overrides)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: depths must be >= 0 reversible blocks per stack, got -2."]
+    assert errors == [f"error: {sentence}"]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "study").exists()
 
@@ -168,6 +233,27 @@ def test_mc_samples_without_dropout_is_refused_before_any_cell_is_trained(
     assert not (tmp_path / "study").exists()
 
 
+def test_a_study_recorded_before_seeds_existed_is_refused(
+    preprocessed_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    old = tmp_path / "study"
+    (old / "cells" / "ESPCN_tvs1").mkdir(parents=True)
+    record = {"train_subjects": ["synth000"], "depths": [0], "tvs_sizes": [1]}
+    (old / "study.json").write_text(json.dumps(record))
+    before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as stop:
+        bundle_study(
+            dataset_dir=preprocessed_root,
+            output_dir=old,
+            train_config=CONFIGS / "train.json",
+            **{key: TINY[key] for key in STUDY_SETTINGS if key in TINY},
+            cell_overrides={"num_restarts": 1},
+        )
+    assert stop.value.code == 2
+    assert "made before seeds existed" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
+
+
 # --------------------------------------------------------------------------- the study
 
 
@@ -185,44 +271,63 @@ def reference(preprocessed_root: Path, tmp_path_factory: pytest.TempPathFactory)
 def test_study_writes_the_fig4_table_metrics_and_figures(reference: Path) -> None:
     rows = read_metrics(reference)
     assert tuple(rows[0]) == METRICS_COLUMNS
-    models = [(r["model"], r["depth"], r["tvs"]) for r in rows]
+    models = [(r["model"], r["depth"], r["tvs"], r["seed"]) for r in rows]
     assert models == [
-        ("nearest", "", ""),
-        ("trilinear", "", ""),
-        (CUBIC, "", ""),
-        ("ESPCN", "0", "1"),
-        ("ESPCN-RN1", "1", "1"),
-        ("ESPCN", "0", "2"),
-        ("ESPCN-RN1", "1", "2"),
+        ("nearest", "", "", ""),
+        ("trilinear", "", "", ""),
+        (CUBIC, "", "", ""),
+        ("ESPCN", "0", "1", "0"),
+        ("ESPCN", "0", "1", "1"),
+        ("ESPCN-RN1", "1", "1", "0"),
+        ("ESPCN-RN1", "1", "1", "1"),
     ]
     assert {r["subject"] for r in rows} == {"synth002"}
     for row in rows:  # total lies between interior and exterior (a voxel-weighted mean of both)
         low, high = sorted((float(row["interior"]), float(row["exterior"])))
         assert low <= float(row["total"]) <= high
+    # two seeds train two different networks
+    assert rows[3]["total"] != rows[4]["total"] and rows[5]["total"] != rows[6]["total"]
 
-    # every cell trained on the first tvs training subjects, at its depth, and is the model
-    # evaluated (its sha256 in the record)
-    for name, (model, depth, tvs) in zip(CELLS, models[3:], strict=True):
+    # every cell trained on the training subjects, validated on the validation subject, at its
+    # depth and seed, and is the model evaluated (its sha256 in the record)
+    for name, (model, depth, tvs, seed) in zip(CELLS, models[3:], strict=True):
         cell_dir = reference / "cells" / name
         extra = NormalisationStats.load(cell_dir / "models" / "normalisation.json").extra
         assert extra["num_blocks"] == int(depth)
         assert extra["training_subjects"] == TINY["train_subjects"][: int(tvs)]
+        assert extra["validation_subjects"] == TINY["validation_subjects"]
+        assert extra["validation_patches"] == 2  # 10 patches x validation_fraction 0.2
+        settings = json.loads((cell_dir / "runs" / "settings.json").read_text())
+        assert settings["seed"] == int(seed)
+        assert settings["validation_subjects"] == TINY["validation_subjects"]
         record = json.loads((cell_dir / "cell.json").read_text())
         assert record["model"] == model and record["tvs"] == int(tvs)
+        assert record["seed"] == int(seed)
+        assert set(record["seconds"]) == {"patches", "step", "validation", "other", "setup"}
+        assert record["seconds"]["step"] > 0 and record["evaluation"]["seconds"] > 0
+        # the training log: one line per epoch, no progress bar redrawn
+        training_log = (cell_dir / "training.log").read_text()
+        assert training_log.count("epoch 1/1: ") == 1 and "\r" not in training_log
 
     summary = (reference / "summary.md").read_text()
-    for model, depth, tvs in models[3:]:
-        total = next(
-            float(r["total"])
-            for r in rows
-            if (r["model"], r["depth"], r["tvs"]) == (model, depth, tvs)
-        )
-        assert f"| {model} | {tvs} |" in summary and f"{total:.2f}" in summary
-    assert f"| {CUBIC} | — |" in summary and "p vs ESPCN (same TVS)" in summary
+    for model in ("ESPCN", "ESPCN-RN1"):
+        mine = [float(r["total"]) for r in rows if r["model"] == model]
+        cell = f"{statistics.mean(mine):.2f} ± {statistics.stdev(mine):.2f}"
+        assert f"| {model} | 1 | 2 | " in summary and cell in summary, (cell, summary)
+    assert f"| {CUBIC} | — | — |" in summary
+    assert "Subjects: training synth000" in summary and "validation synth001" in summary
+    # the paired comparison: n = 1 subject x 2 seeds, too few for a p
+    espcn = {r["seed"]: float(r["total"]) for r in rows if r["model"] == "ESPCN"}
+    deeper = {r["seed"]: float(r["total"]) for r in rows if r["model"] == "ESPCN-RN1"}
+    change = statistics.median((deeper[s] - espcn[s]) / espcn[s] for s in espcn)
+    assert f"| ESPCN-RN1 | 1 | 2 | {100 * change:+.1f} % |" in summary
+    assert "no p: n = 2 is too small" in summary
+    assert "## Time" in summary and "| all | " in summary and "| Fig. 6 memory" in summary
 
     stdout = (reference / "stdout.txt").read_text()
     finished = [line for line in stdout.splitlines() if "finished: test RMSE interior" in line]
     assert len(finished) == len(CELLS)
+    assert all("+ step " in line and "+ evaluation " in line for line in finished)
 
     memory = json.loads((reference / "memory_time.json").read_text())
     by_mode = {(m["depth"], m["memory_efficient"]): m for m in memory}
@@ -258,7 +363,7 @@ def test_killed_in_a_cell_and_rerun_skips_finished_cells_and_equals_uninterrupte
 
     result = run_study(preprocessed_root, output_dir)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert f"{CELLS[0]} (N=0, 1 training subjects) skipped" in result.stdout
+    assert f"{CELLS[0]} (N=0, 1 training subjects, seed 0) skipped" in result.stdout
     assert first.read_bytes() == first_record
     # the finished cell was not trained again: its log holds one training command
     log_lines = (output_dir / "cells" / CELLS[0] / "training.log").read_text().splitlines()

@@ -82,6 +82,10 @@ def test_training_writes_tensorboard_runs_and_a_loadable_best_model(
         assert losses[-1] < losses[0], f"training loss did not decrease: {losses}"
         rates = [e["learning_rate"] for e in record["history"]]
         assert rates[0] == pytest.approx(1e-3) and rates[1] < rates[0], "no decaying schedule"
+        # where the epochs' time went, summed over the run's epochs
+        seconds = record["epoch_seconds"]
+        assert set(seconds) == {"patches", "step", "validation", "other"}
+        assert seconds["step"] > 0 and seconds["validation"] > 0
 
         # TensorBoard: one event file per run with loss, validation RMSE and learning rate.
         run_dir = Path(record["run_dir"])

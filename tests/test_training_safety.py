@@ -91,7 +91,28 @@ BAD_SETTINGS = [
     ("dataset_dir", None, "setting dataset_dir is not set: give --dataset_dir DIR"),
     ("subjects", "../synth000", "subject id '../synth000' is not a plain folder name"),
     ("subjects", ["synth000", "synth000"], "subject synth000 is listed more than once."),
+    ("cache_patches", "maybe", "setting cache_patches must be true or false, got 'maybe'."),
+    ("validation_subjects", ["nobody"], "subject nobody is not a complete preprocessed subject"),
 ]
+
+
+def test_a_validation_subject_that_also_trains_is_refused(
+    preprocessed_root: Path, tmp_path: Path
+) -> None:
+    given = {"subjects": ["synth000", "synth001"], "validation_subjects": ["synth002", "synth000"]}
+    with pytest.raises(InputError) as raised:
+        check_settings(settings(preprocessed_root, tmp_path / "out", **given))
+    assert str(raised.value) == (
+        "subject synth000 is both a training and a validation subject: validation subjects must "
+        "be held out of training."
+    )
+    # no training subjects named: every subject but the validation subjects trains
+    checked = check_settings(
+        settings(preprocessed_root, tmp_path / "out", validation_subjects=["synth002"])
+    )
+    assert [folder.name for folder in checked["subject_folders"]] == ["synth000", "synth001"]
+    assert checked["record"]["validation_subjects"] == ["synth002"]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(("name", "value", "sentence"), BAD_SETTINGS)

@@ -18,6 +18,7 @@ from monai_iqt.training.distributed import (
 )
 from monai_iqt.training.export import export_model, export_models, file_sha256, save_atomically
 from monai_iqt.training.handlers import (
+    EpochTimes,
     FixedNameSaver,
     RandomStates,
     RMSELoss,
@@ -30,6 +31,7 @@ from monai_iqt.training.handlers import (
     flat_pred_label,
     lower_is_better,
     negative_metric,
+    on_terminal,
 )
 from monai_iqt.training.restarts import (
     EXIT_INTERRUPTED,
@@ -43,6 +45,7 @@ from monai_iqt.training.settings import check_settings, trained_on
 __all__ = [
     "EXIT_INTERRUPTED",
     "BroadcastBuffers",
+    "EpochTimes",
     "FixedNameSaver",
     "RMSELoss",
     "RandomStates",
@@ -65,6 +68,7 @@ __all__ = [
     "local_device",
     "lower_is_better",
     "negative_metric",
+    "on_terminal",
     "rank",
     "save_atomically",
     "state_digest",

@@ -12,6 +12,8 @@ import logging
 import math
 import os
 import random
+import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -269,6 +271,87 @@ class TrainingHistory:
     def best(self) -> dict[str, float] | None:
         scored = [e for e in self.epochs if math.isfinite(e[self.metric_name])]
         return min(scored, key=lambda e: e[self.metric_name]) if scored else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs": [dict(e) for e in self.epochs]}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.epochs = [dict(e) for e in state_dict["epochs"]]
+
+
+def on_terminal() -> bool:
+    """Whether stderr is a terminal: a progress bar there, one line per epoch in a log file."""
+    return sys.stderr.isatty()
+
+
+class EpochTimes:
+    """Where each epoch's time goes, logged as one line per epoch with the epoch's figures.
+
+    Parts: ``patches`` (the data loader: sampling, cropping, normalising and collating the
+    training patches), ``step`` (moving the batch to the device, forward, loss, backward,
+    optimiser: ignite's ITERATION_STARTED to MONAI's MODEL_COMPLETED), ``validation`` (the
+    evaluator's whole run) and ``other`` (the rest of the epoch: iteration handlers, history,
+    the best checkpoint). Kept in checkpoints so a resumed run reports every epoch.
+    """
+
+    PARTS = ("patches", "step", "validation", "other")
+
+    def __init__(self, evaluator: Engine, history: TrainingHistory | None = None) -> None:
+        self.evaluator = evaluator
+        self.history = history
+        self.epochs: list[dict[str, float]] = []
+        self._current = dict.fromkeys(self.PARTS, 0.0)
+        self._marks: dict[str, float] = {}
+
+    def attach(self, trainer: Engine) -> None:
+        from monai.engines.utils import IterationEvents
+
+        trainer.add_event_handler(Events.EPOCH_STARTED, self._start_epoch)
+        trainer.add_event_handler(Events.GET_BATCH_STARTED, self._mark, "patches")
+        trainer.add_event_handler(Events.GET_BATCH_COMPLETED, self._add, "patches")
+        trainer.add_event_handler(Events.ITERATION_STARTED, self._mark, "step")
+        trainer.add_event_handler(IterationEvents.MODEL_COMPLETED, self._add, "step")
+        self.evaluator.add_event_handler(Events.STARTED, self._mark, "validation")
+        self.evaluator.add_event_handler(Events.COMPLETED, self._add, "validation")
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._end_epoch)
+
+    def _start_epoch(self, engine: Engine) -> None:
+        self._current = dict.fromkeys(self.PARTS, 0.0)
+        self._marks = {"epoch": time.perf_counter()}
+
+    def _mark(self, engine: Engine, part: str) -> None:
+        self._marks[part] = time.perf_counter()
+
+    def _add(self, engine: Engine, part: str) -> None:
+        if part in self._marks:
+            self._current[part] += time.perf_counter() - self._marks.pop(part)
+
+    def _end_epoch(self, engine: Engine) -> None:
+        total = time.perf_counter() - self._marks.get("epoch", time.perf_counter())
+        times = dict(self._current)
+        times["other"] = max(0.0, total - times["patches"] - times["step"] - times["validation"])
+        self.epochs.append(
+            {"epoch": int(engine.state.epoch), **{k: round(v, 3) for k, v in times.items()}}
+        )
+        figures = ""
+        if self.history is not None and self.history.epochs:
+            last = self.history.epochs[-1]
+            figures = ", ".join(f"{key} {last[key]:.5g}" for key in last if key != "epoch") + "; "
+        log.info(
+            "epoch %d/%d: %s%.1f s = patches %.1f + step %.1f + validation %.1f + other %.1f",
+            engine.state.epoch,
+            engine.state.max_epochs,
+            figures,
+            total,
+            times["patches"],
+            times["step"],
+            times["validation"],
+            times["other"],
+        )
+
+    def totals(self) -> dict[str, float]:
+        """Seconds per part over the recorded epochs."""
+        return {part: round(sum(e[part] for e in self.epochs), 3) for part in self.PARTS}
 
     def state_dict(self) -> dict[str, Any]:
         return {"epochs": [dict(e) for e in self.epochs]}

@@ -51,6 +51,7 @@ from monai_iqt.training.distributed import (
 )
 from monai_iqt.training.export import export_models
 from monai_iqt.training.handlers import (
+    EpochTimes,
     FixedNameSaver,
     RandomStates,
     RunSummaryWriter,
@@ -58,6 +59,7 @@ from monai_iqt.training.handlers import (
     TrainingDiverged,
     TrainingHistory,
     negative_metric,
+    on_terminal,
 )
 from monai_iqt.training.settings import (
     BEST_CHECKPOINT,
@@ -119,6 +121,11 @@ class TrainingRun:
         evaluator.add_event_handler(Events.EPOCH_COMPLETED, self.early_stopping)
         self.nan_guard = StopOnNonFiniteLoss()
         self.nan_guard.attach(trainer)
+        self.epoch_times = EpochTimes(evaluator, history)
+        self.epoch_times.attach(trainer)
+        if not on_terminal():  # a log file: the epoch line above, not the engines' chatter
+            for engine in (trainer, evaluator):
+                engine.logger.setLevel(max(engine.logger.getEffectiveLevel(), logging.WARNING))
         self.best_saver = Checkpoint(
             {"network": network},
             FixedNameSaver(BEST_CHECKPOINT),
@@ -135,6 +142,7 @@ class TrainingRun:
             "best_model_tracker": self.best_saver,
             "history": history,
             "random_states": RandomStates(),
+            "epoch_times": self.epoch_times,
         }
         self.last_saver = Checkpoint(
             self.checkpoint_objects, FixedNameSaver(LAST_CHECKPOINT), n_saved=1
@@ -168,6 +176,7 @@ class TrainingRun:
         self.lr_scheduler.load_state_dict(copy.deepcopy(self._initial["lr_scheduler"]))
         self.early_stopping.load_state_dict(copy.deepcopy(self._initial["early_stopping"]))
         self.history.load_state_dict({"epochs": []})
+        self.epoch_times.load_state_dict({"epochs": []})
         self.best_saver.reset()
         self.last_saver.reset()
         for engine in (self.trainer, self.evaluator):
@@ -177,8 +186,13 @@ class TrainingRun:
         self.best_saver.save_handler.folder = self.run_dir
         self.last_saver.save_handler.folder = self.run_dir
         self.nan_guard.checkpoint_name = str(self.last_checkpoint) if self.write_outputs else None
-        if checkpoint is not None:
-            Checkpoint.load_objects(to_load=self.checkpoint_objects, checkpoint=checkpoint)
+        if checkpoint is not None:  # checkpoints written before epoch_times existed lack it
+            objects = {
+                key: value
+                for key, value in self.checkpoint_objects.items()
+                if key in checkpoint or key != "epoch_times"
+            }
+            Checkpoint.load_objects(to_load=objects, checkpoint=checkpoint)
 
     def execute(self) -> None:
         """Train (from the state :meth:`start` set). Ctrl-C asks the trainer to stop after the
@@ -218,6 +232,7 @@ class TrainingRun:
             "last_checkpoint": str(self.last_checkpoint),
             "resumed_from": resumed_from,
             "seconds": round(seconds, 2),
+            "epoch_seconds": self.epoch_times.totals(),
             "weights_sha256": state_digest(self.network),
         }
 

@@ -37,7 +37,13 @@ from monai_iqt.bundle import as_bool
 from monai_iqt.data.patches import TARGET_REGIONS, TARGET_SCALES
 from monai_iqt.networks.espcn import VALID_SHRINK
 from preprocessing.io import InputError
-from preprocessing.layout import RECORD_NAME, find_subjects, holds_preprocessed_data, read_record
+from preprocessing.layout import (
+    RECORD_NAME,
+    check_subject_ids,
+    find_subjects,
+    holds_preprocessed_data,
+    read_record,
+)
 
 SETTINGS_FILE = "settings.json"
 RUNS_FILE = "runs.json"
@@ -60,11 +66,12 @@ _INTEGERS = {
     "num_workers": 0,
     "log_interval": 1,
 }
-_FLAGS = ("memory_efficient", "resume", "overwrite", "predict_variance", "amp")
+_FLAGS = ("memory_efficient", "resume", "overwrite", "predict_variance", "amp", "cache_patches")
 #: Settings a resume must share with the runs it continues, in the order they are compared.
 RESUME_KEYS = (
     "subjects",
     "upscale_factor",
+    "validation_subjects",
     "num_revnet_blocks",
     "lr_patch_size",
     "patches_per_subject",
@@ -88,6 +95,7 @@ RECORDED_SINCE = {
     "target_region": "patch",
     "target_statistics": "whole_blocks",
     "val_interval": 1,
+    "validation_subjects": None,
 }
 
 
@@ -154,7 +162,20 @@ def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
             f"output_dir {output_dir} holds preprocessed subjects; training writes runs/ and "
             "models/ there: choose another --output_dir."
         )
+    held_out = checked.get("validation_subjects")
+    held_out = None if held_out is None else (check_subject_ids(held_out) or None)
     folders = find_subjects(checked["dataset_dir"], checked.get("subjects"))
+    if held_out is not None:
+        if checked.get("subjects") is None:  # every subject that is not a validation subject
+            folders = [folder for folder in folders if folder.name not in held_out]
+        overlap = [folder.name for folder in folders if folder.name in held_out]
+        if overlap:
+            raise InputError(
+                f"subject {overlap[0]} is both a training and a validation subject: validation "
+                "subjects must be held out of training."
+            )
+        find_subjects(checked["dataset_dir"], held_out)
+    checked["validation_subjects"] = held_out
     checked["subjects"] = None if checked.get("subjects") is None else [f.name for f in folders]
     checked["subject_folders"] = folders
     validation = max(1, round(checked["patches_per_subject"] * checked["validation_fraction"]))
