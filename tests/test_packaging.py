@@ -37,7 +37,8 @@ def declared_versions() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def wheel_metadata(tmp_path_factory) -> dict[str, list[str]]:
-    """METADATA of a wheel built from a copy of the sources (no build files in the tree)."""
+    """METADATA and top-level packages of a wheel built from a copy of the sources (no build
+    files left in the tree)."""
     source = tmp_path_factory.mktemp("source")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPOSITORY / name, source / name)
@@ -46,8 +47,8 @@ def wheel_metadata(tmp_path_factory) -> dict[str, list[str]]:
             REPOSITORY / package, source / package, ignore=shutil.ignore_patterns("__pycache__")
         )
     out = tmp_path_factory.mktemp("wheel")
-    command = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps",
-               "--no-build-isolation", "--no-index", "-q", "-w", str(out)]  # fmt: skip
+    # an isolated build, as `python -m build` makes it: pyproject.toml's build-system decides
+    command = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q", "-w", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     (wheel,) = out.glob("*.whl")
