@@ -16,8 +16,6 @@ device only), so that:
   (so sliding-window inference stays exact per sample).
 """
 
-from __future__ import annotations
-
 from collections.abc import Iterator
 from contextlib import contextmanager
 from numbers import Real
@@ -48,6 +46,8 @@ class ChannelDropout3d(nn.Module):
     eval mode instead of a random draw; the engine and :func:`fixed_dropout_masks` set it.
     """
 
+    mask: torch.Tensor | None  # declared for TorchScript, which cannot infer it from None
+
     def __init__(self, channels: int, p: float) -> None:
         super().__init__()
         check_dropout_rate(p)
@@ -75,9 +75,12 @@ class ChannelDropout3d(nn.Module):
         if keep is None:
             if not self.draws_mask():
                 return x
-            keep = self.draw_mask(x.shape[0], x.device)
-        scale = keep.to(device=x.device, dtype=x.dtype) / (1 - self.p)
-        return x * scale
+            return self.scaled(x, self.draw_mask(x.shape[0], x.device))
+        return self.scaled(x, keep)
+
+    def scaled(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``x`` with the channels ``keep`` drops zeroed and the others scaled by 1 / (1 - p)."""
+        return x * (keep.to(device=x.device, dtype=x.dtype) / (1 - self.p))
 
 
 def dropout_layers(module: nn.Module) -> list[ChannelDropout3d]:

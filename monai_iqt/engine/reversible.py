@@ -185,8 +185,8 @@ def forward_halves(
     drift. Where the dtypes agree the additions are in place on F's and G's fresh outputs (no
     convolution saves its output), which is safe under autograd and saves two allocations.
     """
-    z = _residual_add(residual(block.f, x_b), x_a)
-    y_b = _residual_add(residual(block.g, z), x_b)
+    z = residual_add(residual(block.f, x_b), x_a)
+    y_b = residual_add(residual(block.g, z), x_b)
     return z, y_b
 
 
@@ -201,7 +201,7 @@ def residual(function: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return function(x.to(_parameter_dtype(function, x.dtype)))
 
 
-def _residual_add(update: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
+def residual_add(update: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
     """``stream + update`` in ``stream``'s dtype, in place on ``update`` when the dtypes agree."""
     if update.dtype == stream.dtype:
         return update.add_(stream)

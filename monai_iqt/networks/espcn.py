@@ -33,25 +33,31 @@ LOG_VAR_BOUND = 10.0
 HIDDEN_CHANNELS = (50, 100)
 
 
+def describe_shape(x: torch.Tensor) -> str:
+    """``x``'s shape as ``(1, 6, 11, 11, 11)``, in eager code and in TorchScript alike."""
+    return "(" + ", ".join([str(side) for side in x.shape]) + ")"
+
+
 def check_network_input(x: torch.Tensor, in_channels: int, min_size: int) -> None:
     """Raise a clear ``ValueError`` unless ``x`` is (B, in_channels, X, Y, Z), sides >= min_size."""
     if x.dim() != 5:
         raise ValueError(
-            f"expected a 5D input (batch, channels, x, y, z), got shape {tuple(x.shape)}"
+            f"expected a 5D input (batch, channels, x, y, z), got shape {describe_shape(x)}"
         )
     if x.shape[1] != in_channels:
-        raise ValueError(f"expected {in_channels} input channels, got shape {tuple(x.shape)}")
+        raise ValueError(f"expected {in_channels} input channels, got shape {describe_shape(x)}")
     if min(x.shape[2:]) < min_size:
         raise ValueError(
             f"every spatial side must be at least {min_size} LR voxels for the valid "
-            f"convolutions, got shape {tuple(x.shape)}"
+            f"convolutions, got shape {describe_shape(x)}"
         )
 
 
-def bound_log_var(raw: torch.Tensor) -> torch.Tensor:
-    """Soft clamp to (-:data:`LOG_VAR_BOUND`, :data:`LOG_VAR_BOUND`): B tanh(raw / B), the
-    identity near 0 (slope 1) and smooth everywhere, unlike a hard clamp that stops gradients."""
-    return LOG_VAR_BOUND * torch.tanh(raw / LOG_VAR_BOUND)
+def bound_log_var(raw: torch.Tensor, bound: float = LOG_VAR_BOUND) -> torch.Tensor:
+    """Soft clamp to (-B, B), B = ``bound`` (default :data:`LOG_VAR_BOUND`): B tanh(raw / B),
+    the identity near 0 (slope 1) and smooth everywhere, unlike a hard clamp that stops
+    gradients. (B is an argument because TorchScript cannot read module globals.)"""
+    return bound * torch.tanh(raw / bound)
 
 
 def split_mean_log_var(
@@ -108,6 +114,8 @@ class ESPCN(nn.Module):
     """
 
     valid_shrink: int = VALID_SHRINK
+    # TorchScript compiles forward and what it calls; properties are for Python callers only.
+    __jit_unused_properties__ = ["halo"]
 
     def __init__(
         self,
@@ -123,6 +131,8 @@ class ESPCN(nn.Module):
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
         self.in_channels = in_channels
+        # An instance attribute (TorchScript reads neither module globals nor class attributes).
+        self.min_input_size = 2 * VALID_SHRINK + 1
         self.upscale_factor = upscale_factor
         self.predict_variance = bool(predict_variance)
         self.detach_variance = bool(detach_variance)
@@ -133,6 +143,7 @@ class ESPCN(nn.Module):
         self.conv2 = nn.Conv3d(hidden1, hidden2, kernel_size=1)
         self.conv3 = nn.Conv3d(hidden2, out_channels, kernel_size=3)
         heads = [self.conv3]
+        self.conv3_log_var: nn.Conv3d | None = None
         if self.predict_variance:
             self.conv3_log_var = nn.Conv3d(hidden2, out_channels, kernel_size=3)
             heads.append(self.conv3_log_var)
@@ -154,15 +165,16 @@ class ESPCN(nn.Module):
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """The sub-pixel output from the last hidden features: the mean, or [mean, log_var]."""
         mean = self.shuffle(self.conv3(features))
-        if not self.predict_variance:
+        conv3_log_var = self.conv3_log_var  # None without predict_variance
+        if conv3_log_var is None:
             return mean
         if self.detach_variance:
             features = features.detach()
-        log_var = bound_log_var(self.shuffle(self.conv3_log_var(features)))
+        log_var = bound_log_var(self.shuffle(conv3_log_var(features)))
         return torch.cat((mean, log_var), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_network_input(x, self.in_channels, 2 * VALID_SHRINK + 1)
+        check_network_input(x, self.in_channels, self.min_input_size)
         x = torch.relu(self.conv1(x))
         if self.dropout1 is not None:
             x = self.dropout1(x)

@@ -24,8 +24,8 @@ from torch import nn
 from monai_iqt.engine.dropout import ChannelDropout3d
 from monai_iqt.engine.reversible import (
     ReversibleSegment,
-    forward_halves,
     inverse_halves,
+    residual_add,
     run_segment,
     running_stats_frozen,
 )
@@ -34,6 +34,7 @@ from monai_iqt.networks.espcn import (
     HIDDEN_CHANNELS,
     VALID_SHRINK,
     check_network_input,
+    describe_shape,
 )
 from monai_iqt.networks.initialisation import he_initialise
 
@@ -75,6 +76,11 @@ class ResidualBottleneck(nn.Module):
         self.norm3 = nn.BatchNorm3d(hidden)
         self.conv3 = nn.Conv3d(hidden, channels, kernel_size=1)
 
+    def parameter_dtype(self) -> torch.dtype:
+        """The dtype this function computes in: its first parameter's, as
+        :func:`~monai_iqt.engine.reversible.residual` reads it."""
+        return self.norm1.weight.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # In-place ReLUs act on fresh BatchNorm outputs, which BatchNorm's backward never reads.
         x = self.conv1(torch.relu_(self.norm1(x)))
@@ -115,13 +121,22 @@ class RevBlock(nn.Module):
         if x.dim() != 5 or x.shape[1] != self.channels:
             raise ValueError(
                 f"RevBlock expects a 5D (batch, {self.channels}, x, y, z) tensor, "
-                f"got shape {tuple(x.shape)}"
+                f"got shape {describe_shape(x)}"
             )
+
+    def forward_halves(
+        self, x_a: torch.Tensor, x_b: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """z = x_a + F(x_b); y_b = x_b + G(z), in the stream dtype of the halves: the engine's
+        :func:`~monai_iqt.engine.reversible.forward_halves` in a form TorchScript compiles."""
+        z = residual_add(self.f(x_b.to(self.f.parameter_dtype())), x_a)
+        y_b = residual_add(self.g(z.to(self.g.parameter_dtype())), x_b)
+        return z, y_b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         half = self.channels // 2
-        return torch.cat(forward_halves(self, x[:, :half], x[:, half:]), dim=1)
+        return torch.cat(self.forward_halves(x[:, :half], x[:, half:]), dim=1)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         """X from Y = forward(X); never updates BatchNorm running statistics."""
@@ -201,6 +216,7 @@ class ESPCN_RN(ESPCN):  # noqa: N801 - the paper's name
         )
         self.num_blocks = num_blocks
         self.memory_efficient = memory_efficient
+        self.input_stream_dtype = INPUT_STACK_STREAM_DTYPE
         widths = (in_channels, *HIDDEN_CHANNELS)
         self.stacks = nn.ModuleList(
             nn.ModuleList(
@@ -239,10 +255,44 @@ class ESPCN_RN(ESPCN):  # noqa: N801 - the paper's name
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_network_input(x, self.in_channels, 2 * VALID_SHRINK + 1)
+    @torch.jit.unused
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden features: through :meth:`segments`, with the reversible engine when
+        memory-efficient and autograd records, else plainly."""
         efficient = self.memory_efficient and self.num_blocks > 0 and self._records_autograd(x)
         a = x
         for segment in self.segments():
             a = run_segment(segment, a) if efficient else segment(a)
-        return self.head(a)
+        return a
+
+    def scripted_features(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`features` on the plain path, written out for TorchScript (which cannot build
+        the segment views or run the engine's autograd Function): the same convolutions,
+        dropout and residual-stream dtypes, hence the same predictions."""
+        a = x
+        for index, stack in enumerate(self.stacks):
+            if index == 1:
+                a = torch.relu(self.conv1(a.to(self.conv1.weight.dtype)))
+                if self.dropout1 is not None:
+                    a = self.dropout1(a)
+            elif index == 2:
+                a = torch.relu(self.conv2(a.to(self.conv2.weight.dtype)))
+                if self.dropout2 is not None:
+                    a = self.dropout2(a)
+            x_a, x_b = a, a
+            for position, block in enumerate(stack):
+                if position == 0:
+                    # the stream dtype: float64 into the input stack, else the blocks'
+                    stream = self.input_stream_dtype if index == 0 else block.f.parameter_dtype()
+                    half = a.shape[1] // 2
+                    x_a, x_b = a[:, :half].to(stream), a[:, half:].to(stream)
+                x_a, x_b = block.forward_halves(x_a, x_b)
+            if self.num_blocks > 0:
+                a = torch.cat((x_a, x_b), dim=1)
+        return a
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_network_input(x, self.in_channels, self.min_input_size)
+        if torch.jit.is_scripting():
+            return self.head(self.scripted_features(x))
+        return self.head(self.features(x))
