@@ -460,12 +460,20 @@ def inference_dataset(
     bvals: Any = None,
     bvecs: Any = None,
     transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    dataset_dir: Any = None,
 ) -> Any:
     """The inference ``dataset``: a MONAI Dataset of the :func:`inference_records`, each loaded
-    by ``transform`` (the ``preprocessing``) when read."""
+    by ``transform`` (the ``preprocessing``) when read. ``dataset_dir`` is the model zoo's name
+    for a folder input: give it or ``input``, not both."""
     from monai.data import Dataset
 
-    return Dataset(inference_records(input, output_dir, mask, bvals, bvecs), transform=transform)
+    given = [value for value in (input, dataset_dir) if value is not None and str(value) != ""]
+    if len(given) == 2:
+        raise InputError(
+            f"input {input} and dataset_dir {dataset_dir} both given: pass one of them."
+        )
+    source = given[0] if given else None
+    return Dataset(inference_records(source, output_dir, mask, bvals, bvecs), transform=transform)
 
 
 def prepare_inference(
