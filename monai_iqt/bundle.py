@@ -112,6 +112,7 @@ def check_inference_settings(
     mc_samples: Any = 1,
     predict_variance: Any = None,
     normalisation_path: Any = None,
+    output_tensor_order: Any = None,
 ) -> None:
     """Every inference setting checked before a component is built (the ``initialize`` step).
 
@@ -148,11 +149,25 @@ def check_inference_settings(
         raise InputError(f"roi_size {roi_size!r} must be an integer or a list of 3 integers.")
     if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
         raise InputError(f"sw_batch_size {sw_batch_size!r} must be an integer >= 1.")
-    if tensor_order not in inputs.TENSOR_ORDERS:
-        raise InputError(
-            f"tensor_order {tensor_order!r} is not one of {', '.join(inputs.TENSOR_ORDERS)}."
-        )
+    for setting, value in (
+        ("tensor_order", tensor_order),
+        ("output_tensor_order", output_tensor_order),
+    ):
+        if value is not None and value not in inputs.TENSOR_ORDERS:
+            raise InputError(
+                f"{setting} {value!r} is not one of {', '.join(inputs.TENSOR_ORDERS)} (a tensor "
+                "file's element order and frame)."
+            )
+    if tensor_order is None:
+        raise InputError(f"tensor_order must be one of {', '.join(inputs.TENSOR_ORDERS)}.")
     as_bool(repair_tensors)
+
+
+def output_convention(tensor_order: str, output_tensor_order: Any = None) -> str:
+    """The convention outputs are written in: ``output_tensor_order``, else the input's."""
+    if output_tensor_order is None or str(output_tensor_order) in ("", "None"):
+        return tensor_order
+    return str(output_tensor_order)
 
 
 def prepare_inference(
@@ -195,9 +210,16 @@ def prepare_inference(
 
 
 def predict_and_write(
-    volume_inferer: Any, writer: Any, items: list[Any], targets: dict[str, Path], provenance: dict
+    volume_inferer: Any,
+    writer: Any,
+    items: list[Any],
+    targets: dict[str, Path],
+    provenance: dict,
+    tensor_order: str = "dipy",
+    output_tensor_order: Any = None,
 ) -> dict[str, dict[str, Path]]:
-    """Super-resolve each validated input and write its files."""
+    """Super-resolve each validated input and write its files (tensors in the input's
+    convention ``tensor_order`` unless ``output_tensor_order`` is given)."""
     from preprocessing.geometry import hr_affine_from_lr
 
     inferers, inputs, _, _ = _inference_api()
@@ -221,13 +243,22 @@ def predict_and_write(
         record = {
             **provenance,
             "input": str(item.source),
+            "input_tensor_order": tensor_order,
             "mask": item.mask_source,
             "upscale_factor": r,
             "inference_mode": volume_inferer.inferer.inference_mode,
             "mc_samples": volume_inferer.mc_samples,
         }
+        sidecar = {"Sources": [str(item.source)], "InputTensorConvention": tensor_order}
         written[item.name] = writer(
-            targets[item.name], dt_hr, mask_hr, hr_affine_from_lr(item.affine, r), record, dt_std
+            targets[item.name],
+            dt_hr,
+            mask_hr,
+            hr_affine_from_lr(item.affine, r),
+            record,
+            dt_std,
+            convention=output_convention(tensor_order, output_tensor_order),
+            sidecar=sidecar,
         )
         log.info("%s -> %s", item.source, targets[item.name])
     return written
@@ -259,6 +290,7 @@ def run_inference(
     mc_samples: int = 1,
     predict_variance: bool | None = None,
     seed: int = 0,
+    output_tensor_order: str | None = None,
 ) -> dict[str, dict[str, Path]]:
     """Validate every input and output folder, then load the model, predict and write.
 
@@ -268,7 +300,13 @@ def run_inference(
     """
     inferers, _, outputs, _ = _inference_api()
     check_inference_settings.__wrapped__(
-        inference_mode, roi_size, sw_batch_size, tensor_order, repair_tensors, mc_samples
+        inference_mode,
+        roi_size,
+        sw_batch_size,
+        tensor_order,
+        repair_tensors,
+        mc_samples,
+        output_tensor_order=output_tensor_order,
     )
     items, targets = prepare_inference(input, output_dir, mask, bvals, bvecs, tensor_order)
     check_inference_settings.__wrapped__(
@@ -293,7 +331,9 @@ def run_inference(
     )
     writer = outputs.PredictionWriter(as_bool(repair_tensors))
     provenance = _provenance(model_path, volume_inferer.stats)
-    return predict_and_write(volume_inferer, writer, items, targets, provenance)
+    return predict_and_write(
+        volume_inferer, writer, items, targets, provenance, tensor_order, output_tensor_order
+    )
 
 
 @exit_on_bad_input
@@ -312,6 +352,7 @@ def inference(
     device: Any = None,
     mc_samples: int = 1,
     seed: int = 0,
+    output_tensor_order: Any = None,
 ) -> dict[str, dict[str, Path]]:
     """The bundle's ``run`` for inference: the config's network (weights loaded), inferer and
     writer applied to ``input``; bad input is one sentence and exit 2."""
@@ -329,4 +370,7 @@ def inference(
         mc_samples=mc_samples,
         seed=seed,
     )
-    return predict_and_write(volume_inferer, writer, items, targets, _provenance(model_path, stats))
+    provenance = _provenance(model_path, stats)
+    return predict_and_write(
+        volume_inferer, writer, items, targets, provenance, tensor_order, output_tensor_order
+    )

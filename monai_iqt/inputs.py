@@ -2,9 +2,10 @@
 
 Every check here runs before the model is loaded or anything is written, and every problem is
 one sentence naming the file (:class:`~preprocessing.io.InputError`). Tensors come out as
-(X, Y, Z, 6) float32 mm^2/s in DIPY's order (``preprocessing.io.TENSOR_ELEMENTS``), whatever
-order (``tensor_order``) the file used; a brain mask is taken from ``--mask``, found beside the
-input as ``bvals``/``bvecs`` are, or (for a DWI) computed with DIPY's ``median_otsu``.
+(X, Y, Z, 6) float32 mm^2/s in DIPY's order (``preprocessing.io.TENSOR_ELEMENTS``) in the image's
+voxel axes, whatever order and frame (``tensor_order``: dipy, fsl, mrtrix; see
+``preprocessing.tensor_conventions``) the file used; a brain mask is taken from ``--mask``, found
+beside the input as ``bvals``/``bvecs`` are, or (for a DWI) computed with DIPY's ``median_otsu``.
 """
 
 from __future__ import annotations
@@ -21,17 +22,11 @@ from scipy import ndimage
 from preprocessing import io, layout
 from preprocessing.geometry import voxel_sizes
 from preprocessing.gradients import read_gradient_table
-from preprocessing.io import TENSOR_ELEMENTS, InputError, load_nifti, read_nifti
+from preprocessing.io import InputError, load_nifti, read_nifti
+from preprocessing.tensor_conventions import TENSOR_ORDERS, to_voxel_frame
 from preprocessing.tensor_fit import B0_THRESHOLD, DEFAULT_BMAX, fit_dti
 
 log = logging.getLogger(__name__)
-
-#: Element order of the 6-volume tensor files of common tools (DIPY's is the project's).
-TENSOR_ORDERS: dict[str, tuple[str, ...]] = {
-    "dipy": TENSOR_ELEMENTS,
-    "fsl": ("Dxx", "Dxy", "Dxz", "Dyy", "Dyz", "Dzz"),  # dtifit --save_tensor
-    "mrtrix": ("Dxx", "Dyy", "Dzz", "Dxy", "Dxz", "Dyz"),  # dwi2tensor
-}
 
 #: Plausible median mean diffusivity of brain tissue in mm^2/s (about 0.7e-3 in white matter).
 MD_RANGE_MM2_S = (1e-4, 1e-2)
@@ -123,15 +118,16 @@ def load_mask(mask_path: Path, shape: tuple[int, ...], image_path: Path) -> np.n
     return mask
 
 
-def to_dipy_order(dt: np.ndarray, tensor_order: str, path: Path) -> np.ndarray:
-    """Reorder the last axis from ``tensor_order`` (dipy, fsl, mrtrix) to DIPY's order."""
+def to_dipy_voxel_frame(
+    dt: np.ndarray, tensor_order: str, affine: np.ndarray, path: Path
+) -> np.ndarray:
+    """A tensor file's elements (``tensor_order``: dipy, fsl, mrtrix) in DIPY order, voxel frame."""
     if tensor_order not in TENSOR_ORDERS:
         raise InputError(
-            f"tensor_order {tensor_order!r} is not one of {', '.join(TENSOR_ORDERS)} "
-            f"(the element order of {path.name})."
+            f"tensor_order {tensor_order!r} is not one of {', '.join(TENSOR_ORDERS)} (the element "
+            f"order and frame of {path.name})."
         )
-    source = TENSOR_ORDERS[tensor_order]
-    return dt[..., [source.index(element) for element in TENSOR_ELEMENTS]]
+    return to_voxel_frame(dt, tensor_order, affine).astype(np.float32)
 
 
 def check_units(dt: np.ndarray, brain: np.ndarray, path: Path) -> None:
@@ -209,7 +205,8 @@ def load_input(
     is_dwi = bvals is not None or bvecs is not None or image.shape[3] != 6
     if not is_dwi:
         check_fits_in_memory(image, path, 6)
-        dt = to_dipy_order(read_volumes(image, path, np.arange(6)), tensor_order, path)
+        dt = read_volumes(image, path, np.arange(6))
+        dt = to_dipy_voxel_frame(dt, tensor_order, image.affine, path)
         check_units(dt, mask_lr if mask_lr is not None else np.any(dt != 0, axis=-1), path)
         return InferenceInput(name, dt, image.affine, mask_lr, path, mask_source)
     found_bvals, found_bvecs = find_gradients(path)
