@@ -113,6 +113,7 @@ def check_inference_settings(
     predict_variance: Any = None,
     normalisation_path: Any = None,
     output_tensor_order: Any = None,
+    voxel_size_mismatch: Any = None,
 ) -> None:
     """Every inference setting checked before a component is built (the ``initialize`` step).
 
@@ -160,6 +161,12 @@ def check_inference_settings(
             )
     if tensor_order is None:
         raise InputError(f"tensor_order must be one of {', '.join(inputs.TENSOR_ORDERS)}.")
+    if voxel_size_mismatch is not None and voxel_size_mismatch not in inputs.VOXEL_SIZE_CHOICES:
+        raise InputError(
+            f"voxel_size_mismatch {voxel_size_mismatch!r} is not one of "
+            f"{', '.join(inputs.VOXEL_SIZE_CHOICES)} (what to do with an input whose voxels are "
+            "not the trained LR voxels)."
+        )
     as_bool(repair_tensors)
 
 
@@ -177,9 +184,15 @@ def prepare_inference(
     bvals: Any = None,
     bvecs: Any = None,
     tensor_order: str = "dipy",
+    normalisation_path: Any = None,
+    voxel_size_mismatch: Any = None,
 ) -> tuple[list[Any], dict[str, Path]]:
-    """Validate the output folders, then load and check every input (nothing written yet)."""
-    _, inputs, outputs, _ = _inference_api()
+    """Validate the output folders, then load and check every input (nothing written yet).
+
+    With ``normalisation_path``, each input's voxel size is checked against the LR voxel size the
+    weights were trained on (``voxel_size_mismatch``: refuse, resample or allow).
+    """
+    _, inputs, outputs, weights = _inference_api()
     if input is None or str(input) in ("", "None"):
         raise InputError(
             "no input given: pass --input PATH (an LR tensor NIfTI, a DWI or a folder)."
@@ -206,6 +219,9 @@ def prepare_inference(
         ]
     else:
         items = [inputs.load_input(source, mask, bvals, bvecs, tensor_order=tensor_order)]
+    if normalisation_path is not None:
+        trained = weights.read_stats(normalisation_path).extra.get("lr_voxel_size_mm")
+        items = [inputs.check_voxel_size(item, trained, voxel_size_mismatch) for item in items]
     return items, targets
 
 
@@ -226,9 +242,6 @@ def predict_and_write(
     written = {}
     r = volume_inferer.upscale_factor
     for item in items:
-        inputs.warn_voxel_size(
-            item.affine, volume_inferer.stats.extra.get("lr_voxel_size_mm"), item.source
-        )
         region = (
             inputs.inference_region(item.mask_lr)
             if item.mask_lr is not None
@@ -248,8 +261,13 @@ def predict_and_write(
             "upscale_factor": r,
             "inference_mode": volume_inferer.inferer.inference_mode,
             "mc_samples": volume_inferer.mc_samples,
+            "resolution": item.resolution,
         }
-        sidecar = {"Sources": [str(item.source)], "InputTensorConvention": tensor_order}
+        sidecar = {
+            "Sources": [str(item.source)],
+            "InputTensorConvention": tensor_order,
+            **(item.resolution or {}),
+        }
         written[item.name] = writer(
             targets[item.name],
             dt_hr,
@@ -291,6 +309,7 @@ def run_inference(
     predict_variance: bool | None = None,
     seed: int = 0,
     output_tensor_order: str | None = None,
+    voxel_size_mismatch: str | None = None,
 ) -> dict[str, dict[str, Path]]:
     """Validate every input and output folder, then load the model, predict and write.
 
@@ -307,8 +326,18 @@ def run_inference(
         repair_tensors,
         mc_samples,
         output_tensor_order=output_tensor_order,
+        voxel_size_mismatch=voxel_size_mismatch,
     )
-    items, targets = prepare_inference(input, output_dir, mask, bvals, bvecs, tensor_order)
+    items, targets = prepare_inference(
+        input,
+        output_dir,
+        mask,
+        bvals,
+        bvecs,
+        tensor_order,
+        normalisation_path,
+        voxel_size_mismatch,
+    )
     check_inference_settings.__wrapped__(
         inference_mode,
         roi_size,
@@ -353,11 +382,21 @@ def inference(
     mc_samples: int = 1,
     seed: int = 0,
     output_tensor_order: Any = None,
+    voxel_size_mismatch: Any = None,
 ) -> dict[str, dict[str, Path]]:
     """The bundle's ``run`` for inference: the config's network (weights loaded), inferer and
     writer applied to ``input``; bad input is one sentence and exit 2."""
     inferers, _, _, weights = _inference_api()
-    items, targets = prepare_inference(input, output_dir, mask, bvals, bvecs, tensor_order)
+    items, targets = prepare_inference(
+        input,
+        output_dir,
+        mask,
+        bvals,
+        bvecs,
+        tensor_order,
+        normalisation_path,
+        voxel_size_mismatch,
+    )
     stats = weights.read_stats(normalisation_path)
     network_halo = inferers.network_halo(network)
     inferer.roi_size = inferers.bundle_window(inferer.roi_size, network_halo)
