@@ -13,6 +13,7 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -177,6 +178,22 @@ def output_convention(tensor_order: str, output_tensor_order: Any = None) -> str
     return str(output_tensor_order)
 
 
+@dataclass
+class InferencePlan:
+    """Validated inputs and where each one's outputs go (``prepare_inference``)."""
+
+    items: list[Any]
+    targets: dict[str, Path]
+    #: per input name: its output file names and record name (BIDS derivatives' names)
+    names: dict[str, dict[str, str]] = field(default_factory=dict)
+    record_names: dict[str, str] = field(default_factory=dict)
+    #: a BIDS input's dataset root: outputs form a derivatives tree below ``output_dir``
+    bids_root: Path | None = None
+    output_dir: Path | None = None
+    #: one sentence per BIDS DWI that cannot be used (the others still run; exit 2 at the end)
+    failures: list[str] = field(default_factory=list)
+
+
 def prepare_inference(
     input: Any,
     output_dir: Any,
@@ -186,24 +203,45 @@ def prepare_inference(
     tensor_order: str = "dipy",
     normalisation_path: Any = None,
     voxel_size_mismatch: Any = None,
-) -> tuple[list[Any], dict[str, Path]]:
+) -> InferencePlan:
     """Validate the output folders, then load and check every input (nothing written yet).
 
     With ``normalisation_path``, each input's voxel size is checked against the LR voxel size the
-    weights were trained on (``voxel_size_mismatch``: refuse, resample or allow).
+    weights were trained on (``voxel_size_mismatch``: refuse, resample or allow). A BIDS dataset
+    (or subject or session folder) is read DWI by DWI: one that cannot be used is kept as a
+    sentence in ``failures`` while the others go on, unless none can be used.
     """
+    from monai_iqt import bids
+
     _, inputs, outputs, weights = _inference_api()
     if input is None or str(input) in ("", "None"):
         raise InputError(
-            "no input given: pass --input PATH (an LR tensor NIfTI, a DWI or a folder)."
+            "no input given: pass --input PATH (an LR tensor NIfTI, a DWI, a folder or a BIDS "
+            "dataset)."
         )
     if output_dir is None or str(output_dir) in ("", "None"):
         raise InputError("no output folder given: pass --output_dir DIR.")
     source, output_dir = Path(input), Path(output_dir)
+    trained = None
+    if normalisation_path is not None and Path(str(normalisation_path)).is_file():
+        trained = weights.read_stats(normalisation_path).extra.get("lr_voxel_size_mm")
+
+    def check_resolution(item: Any) -> Any:
+        if normalisation_path is None:
+            return item
+        if trained is None:
+            weights.read_stats(normalisation_path)  # a missing file: one sentence naming it
+        return inputs.check_voxel_size(item, trained, voxel_size_mismatch)
+
+    if source.is_dir() and bids.dataset_root(source) is not None:
+        return _prepare_bids(source, output_dir, tensor_order, check_resolution)
     if source.is_dir():
         folders = inputs.discover_inputs(source)
         if not folders:
-            raise InputError(f"{source} holds no subject folder with a dt_lr.nii.gz.")
+            raise InputError(
+                f"{source} holds no subject folder with a dt_lr.nii.gz and is not a BIDS dataset "
+                "(no dataset_description.json)."
+            )
         targets = {folder.name: output_dir / folder.name for folder in folders}
         sources = {folder.name: folder / "dt_lr.nii.gz" for folder in folders}
         outputs.check_output_dir(output_dir, tuple(sources.values()), names={})
@@ -219,29 +257,68 @@ def prepare_inference(
         ]
     else:
         items = [inputs.load_input(source, mask, bvals, bvecs, tensor_order=tensor_order)]
-    if normalisation_path is not None:
-        trained = weights.read_stats(normalisation_path).extra.get("lr_voxel_size_mm")
-        items = [inputs.check_voxel_size(item, trained, voxel_size_mismatch) for item in items]
-    return items, targets
+    return InferencePlan([check_resolution(item) for item in items], targets)
+
+
+def _prepare_bids(
+    source: Path, output_dir: Path, tensor_order: str, check_resolution: Callable[[Any], Any]
+) -> InferencePlan:
+    """Every DWI of a BIDS input, loaded and checked; the unusable ones as sentences."""
+    from monai_iqt import bids
+
+    _, inputs, outputs, _ = _inference_api()
+    dwis = bids.find_dwis(source)
+    bids.check_derivatives_root(output_dir)
+    plan = InferencePlan([], {}, bids_root=bids.dataset_root(source), output_dir=output_dir)
+    for dwi in dwis:
+        name = dwi.prefix
+        plan.targets[name] = output_dir / dwi.folder
+        plan.names[name] = dwi.output_names()
+        plan.record_names[name] = dwi.record_name
+        outputs.check_output_dir(
+            plan.targets[name], (dwi.path,), plan.names[name], plan.record_names[name]
+        )
+    for dwi in dwis:
+        problem = bids.missing_gradients(dwi)
+        if problem is None:
+            try:
+                item = inputs.load_input(
+                    dwi.path, None, dwi.bval, dwi.bvec, name=dwi.prefix, tensor_order=tensor_order
+                )
+                plan.items.append(check_resolution(item))
+                continue
+            except InputError as error:
+                problem = str(error)
+        log.error("%s", problem)
+        plan.failures.append(problem)
+    if not plan.items:
+        raise InputError(plan.failures[0])
+    return plan
 
 
 def predict_and_write(
     volume_inferer: Any,
     writer: Any,
-    items: list[Any],
-    targets: dict[str, Path],
+    plan: InferencePlan,
     provenance: dict,
     tensor_order: str = "dipy",
     output_tensor_order: Any = None,
 ) -> dict[str, dict[str, Path]]:
     """Super-resolve each validated input and write its files (tensors in the input's
-    convention ``tensor_order`` unless ``output_tensor_order`` is given)."""
-    from preprocessing.geometry import hr_affine_from_lr
+    convention ``tensor_order`` unless ``output_tensor_order`` is given).
 
-    inferers, inputs, _, _ = _inference_api()
+    BIDS outputs use BEP016's element order and names, and the derivatives tree gets its
+    ``dataset_description.json``; DWIs that could not be used are then one sentence (exit 2),
+    after the others' outputs are written.
+    """
+    from monai_iqt import bids
+    from preprocessing.geometry import hr_affine_from_lr
+    from preprocessing.tensor_conventions import BIDS_ORDER
+
+    inferers, inputs, outputs, _ = _inference_api()
     written = {}
     r = volume_inferer.upscale_factor
-    for item in items:
+    for item in plan.items:
         region = (
             inputs.inference_region(item.mask_lr)
             if item.mask_lr is not None
@@ -269,7 +346,7 @@ def predict_and_write(
             **(item.resolution or {}),
         }
         written[item.name] = writer(
-            targets[item.name],
+            plan.targets[item.name],
             dt_hr,
             mask_hr,
             hr_affine_from_lr(item.affine, r),
@@ -277,8 +354,20 @@ def predict_and_write(
             dt_std,
             convention=output_convention(tensor_order, output_tensor_order),
             sidecar=sidecar,
+            names=plan.names.get(item.name, outputs.OUTPUT_NAMES),
+            record_name=plan.record_names.get(item.name, outputs.RECORD_NAME),
+            order=BIDS_ORDER if plan.bids_root is not None else None,
         )
-        log.info("%s -> %s", item.source, targets[item.name])
+        log.info("%s -> %s", item.source, plan.targets[item.name])
+    if plan.bids_root is not None:
+        bids.write_dataset_description(plan.output_dir, plan.bids_root)
+    if plan.failures:
+        others = len(plan.failures) - 1
+        more = f"; {others} more DWI(s) failed too (see the log)" if others else ""
+        raise InputError(
+            f"{plan.failures[0].rstrip('.')}{more}; the other {len(plan.items)} DWI(s) were "
+            "written."
+        )
     return written
 
 
@@ -328,7 +417,7 @@ def run_inference(
         output_tensor_order=output_tensor_order,
         voxel_size_mismatch=voxel_size_mismatch,
     )
-    items, targets = prepare_inference(
+    plan = prepare_inference(
         input,
         output_dir,
         mask,
@@ -361,7 +450,7 @@ def run_inference(
     writer = outputs.PredictionWriter(as_bool(repair_tensors))
     provenance = _provenance(model_path, volume_inferer.stats)
     return predict_and_write(
-        volume_inferer, writer, items, targets, provenance, tensor_order, output_tensor_order
+        volume_inferer, writer, plan, provenance, tensor_order, output_tensor_order
     )
 
 
@@ -387,7 +476,7 @@ def inference(
     """The bundle's ``run`` for inference: the config's network (weights loaded), inferer and
     writer applied to ``input``; bad input is one sentence and exit 2."""
     inferers, _, _, weights = _inference_api()
-    items, targets = prepare_inference(
+    plan = prepare_inference(
         input,
         output_dir,
         mask,
@@ -411,5 +500,5 @@ def inference(
     )
     provenance = _provenance(model_path, stats)
     return predict_and_write(
-        volume_inferer, writer, items, targets, provenance, tensor_order, output_tensor_order
+        volume_inferer, writer, plan, provenance, tensor_order, output_tensor_order
     )

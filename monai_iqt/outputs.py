@@ -87,7 +87,10 @@ def _resolved(path: Path) -> Path:
 
 
 def check_output_dir(
-    output_dir: str | os.PathLike, inputs: tuple[Path, ...] = (), names=OUTPUT_NAMES
+    output_dir: str | os.PathLike,
+    inputs: tuple[Path, ...] = (),
+    names=OUTPUT_NAMES,
+    record_name: str = RECORD_NAME,
 ) -> Path:
     """Refuse an output folder that would overwrite inputs or files this tool did not write
     there (``names``: the output names to check), then prove it writable without creating it."""
@@ -103,11 +106,11 @@ def check_output_dir(
                 f"output folder {output_dir} is the folder of the input {source.name}: outputs "
                 "there could replace the input or its siblings; choose another --output_dir."
             )
-    foreign = foreign_outputs(output_dir, names)
+    foreign = foreign_outputs(output_dir, names, record_name)
     if foreign:
         raise InputError(
             f"{output_dir / foreign[0]} exists and was not written by {TOOL} (no "
-            f"{RECORD_NAME} there lists it); move it or choose another --output_dir."
+            f"{record_name} there lists it); move it or choose another --output_dir."
         )
     return check_writable(output_dir)
 
@@ -134,7 +137,9 @@ def check_writable(output_dir: str | os.PathLike) -> Path:
     return output_dir
 
 
-def foreign_outputs(output_dir: Path, names=OUTPUT_NAMES) -> list[str]:
+def foreign_outputs(
+    output_dir: Path, names=OUTPUT_NAMES, record_name: str = RECORD_NAME
+) -> list[str]:
     """Output names that exist in ``output_dir`` but that no inference record there lists."""
     candidates = [n for name in names.values() for n in (name, sidecar_name(name))]
     present = [n for n in candidates if (output_dir / n).exists()]
@@ -142,7 +147,7 @@ def foreign_outputs(output_dir: Path, names=OUTPUT_NAMES) -> list[str]:
         return []
     listed: set[str] = set()
     try:
-        record = json.loads((output_dir / RECORD_NAME).read_text())
+        record = json.loads((output_dir / record_name).read_text())
         if isinstance(record, dict) and record.get("tool") == TOOL:
             listed = set(record.get("outputs", {}).values())
             listed |= set(record.get("sidecars", {}).values())
@@ -244,6 +249,7 @@ def write_outputs(
     record: dict[str, Any],
     sidecars: dict[str, dict[str, Any]] | None = None,
     names: dict[str, str] = OUTPUT_NAMES,
+    record_name: str = RECORD_NAME,
 ) -> dict[str, Path]:
     """Write every image to a temporary name, rename them all, then their JSON sidecars
     (``sidecars``, by role) and the record. ``names``: each role's file name.
@@ -281,13 +287,13 @@ def write_outputs(
     for role, sidecar in sidecars.items():
         write_json(output_dir / sidecar_name(names[role]), sidecar)
     for role, name in names.items():  # an earlier run's files this run does not write
-        if role not in images and not foreign_outputs(output_dir, {role: name}):
+        if role not in images and not foreign_outputs(output_dir, {role: name}, record_name):
             (output_dir / name).unlink(missing_ok=True)
             (output_dir / sidecar_name(name)).unlink(missing_ok=True)
     written = {role: names[role] for role in images}
     written_sidecars = {role: sidecar_name(names[role]) for role in sidecars}
     write_json(
-        output_dir / RECORD_NAME, {**record, "outputs": written, "sidecars": written_sidecars}
+        output_dir / record_name, {**record, "outputs": written, "sidecars": written_sidecars}
     )
     return paths
 
@@ -317,6 +323,8 @@ class PredictionWriter:
         convention: str = "dipy",
         sidecar: dict[str, Any] | None = None,
         names: dict[str, str] = OUTPUT_NAMES,
+        record_name: str = RECORD_NAME,
+        order: tuple[str, ...] | None = None,
     ) -> dict[str, Path]:
         mask_hr = np.asarray(mask_hr, dtype=bool)
         dt_hr = np.asarray(dt_hr, dtype=np.float32)  # modified in place (no full-size copies)
@@ -324,7 +332,9 @@ class PredictionWriter:
         dt_hr = repair_tensors(dt_hr, mask_hr, self.repair_tensors, str(output_dir))
         maps = slab_maps(dt_hr, mask_hr)
         images = {
-            "dt_hr": _nifti(from_voxel_frame(dt_hr, convention, hr_affine), hr_affine, np.float32),
+            "dt_hr": _nifti(
+                from_voxel_frame(dt_hr, convention, hr_affine, order), hr_affine, np.float32
+            ),
             "mask_hr": _nifti(mask_hr, hr_affine, np.uint8),
             **{key: _nifti(maps[key], hr_affine, np.float32) for key in ("md", "fa", "colour_fa")},
         }
@@ -332,7 +342,8 @@ class PredictionWriter:
             dt_std = np.asarray(dt_std, dtype=np.float32)
             dt_std[~mask_hr] = 0
             # element standard deviations do not rotate: in the voxel frame, in the file's order
-            std_file = from_voxel_frame(dt_std, "dipy", hr_affine, TENSOR_ORDERS[convention])
+            std_order = order or TENSOR_ORDERS[convention]
+            std_file = from_voxel_frame(dt_std, "dipy", hr_affine, std_order)
             images["dt_hr_std"] = _nifti(std_file, hr_affine, np.float32)
             for key, value in sampled_map_std(dt_hr, dt_std, mask_hr).items():
                 images[key] = _nifti(value, hr_affine, np.float32)
@@ -343,21 +354,24 @@ class PredictionWriter:
             "output_tensor_order": convention,
             **provenance,
         }
-        sidecars = image_sidecars(images, convention, sidecar or {})
-        return write_outputs(Path(output_dir), images, record, sidecars, names)
+        sidecars = image_sidecars(images, convention, sidecar or {}, order)
+        return write_outputs(Path(output_dir), images, record, sidecars, names, record_name)
 
 
 def image_sidecars(
-    images: dict[str, Any], convention: str, common: dict[str, Any]
+    images: dict[str, Any],
+    convention: str,
+    common: dict[str, Any],
+    order: tuple[str, ...] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The JSON sidecar of each image role: what it holds, its units, and ``common``."""
     sidecars = {}
     for role in images:
         sidecar: dict[str, Any] = {"Description": DESCRIPTIONS[role]}
         if role == "dt_hr":
-            sidecar |= tensor_sidecar(convention)
+            sidecar |= tensor_sidecar(convention, order)
         elif role == "dt_hr_std":  # per-element deviations, in the voxel frame (they do not rotate)
-            sidecar |= tensor_sidecar("dipy", TENSOR_ORDERS[convention])
+            sidecar |= tensor_sidecar("dipy", order or TENSOR_ORDERS[convention])
         elif role in UNITS:
             sidecar["Units"] = UNITS[role]
         sidecars[role] = {**sidecar, **common}
