@@ -20,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from preprocessing import io, layout
+from preprocessing.downsample import data_brain_mask
 from preprocessing.geometry import voxel_sizes
 from preprocessing.gradients import read_gradient_table
 from preprocessing.io import InputError, load_nifti, read_nifti
@@ -164,9 +165,7 @@ def check_units(dt: np.ndarray, brain: np.ndarray, path: Path) -> None:
 
 def dwi_brain_mask(b0: np.ndarray, path: Path) -> np.ndarray:
     """Brain mask of a DWI from the mean b0 with DIPY's ``median_otsu`` (logged)."""
-    from dipy.segment.mask import median_otsu
-
-    _, mask = median_otsu(b0, median_radius=2, numpass=1)
+    mask = data_brain_mask(b0)  # the settings of preprocessing's --lr-mask lr-data
     log.info(
         "%s: no brain mask given or found beside it; DIPY median_otsu on the mean b0 gives %d "
         "brain voxels",
