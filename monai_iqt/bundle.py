@@ -14,6 +14,7 @@ import inspect
 import logging
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -341,6 +342,8 @@ def check_inference_settings(
     predict_variance: Any = None,
     normalisation_path: Any = None,
     dropout_rate: Any = None,
+    output_tensor_order: Any = None,
+    voxel_size_mismatch: Any = None,
 ) -> None:
     """Every inference setting checked before a component is built (the ``initialize`` step).
 
@@ -384,96 +387,47 @@ def check_inference_settings(
         raise InputError(f"roi_size {roi_size!r} must be an integer or a list of 3 integers.")
     if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
         raise InputError(f"sw_batch_size {sw_batch_size!r} must be an integer >= 1.")
-    if tensor_order not in inputs.TENSOR_ORDERS:
+    for setting, value in (
+        ("tensor_order", tensor_order),
+        ("output_tensor_order", output_tensor_order),
+    ):
+        if value is not None and value not in inputs.TENSOR_ORDERS:
+            raise InputError(
+                f"{setting} {value!r} is not one of {', '.join(inputs.TENSOR_ORDERS)} (a tensor "
+                "file's element order and frame)."
+            )
+    if tensor_order is None:
+        raise InputError(f"tensor_order must be one of {', '.join(inputs.TENSOR_ORDERS)}.")
+    if voxel_size_mismatch is not None and voxel_size_mismatch not in inputs.VOXEL_SIZE_CHOICES:
         raise InputError(
-            f"tensor_order {tensor_order!r} is not one of {', '.join(inputs.TENSOR_ORDERS)}."
+            f"voxel_size_mismatch {voxel_size_mismatch!r} is not one of "
+            f"{', '.join(inputs.VOXEL_SIZE_CHOICES)} (what to do with an input whose voxels are "
+            "not the trained LR voxels)."
         )
     as_bool(repair_tensors)
 
 
-def inference_records(
-    input: Any, output_dir: Any, mask: Any = None, bvals: Any = None, bvecs: Any = None
-) -> list[dict[str, Any]]:
-    """One record per subject to super-resolve (its input files and output folder), after the
-    output folders are checked; nothing is read or written yet."""
-    _, inputs, outputs, _ = _inference_api()
-    if input is None or str(input) in ("", "None"):
-        raise InputError(
-            "no input given: pass --input PATH (an LR tensor NIfTI, a DWI or a folder)."
-        )
-    if output_dir is None or str(output_dir) in ("", "None"):
-        raise InputError("no output folder given: pass --output_dir DIR.")
-    source, output_dir = Path(input), Path(output_dir)
-    if source.is_dir():
-        folders = inputs.discover_inputs(source)
-        if not folders:
-            raise InputError(f"{source} holds no subject folder with a dt_lr.nii.gz.")
-        records = [
-            {
-                "name": folder.name,
-                "source": folder / "dt_lr.nii.gz",
-                "target": output_dir / folder.name,
-            }
-            for folder in folders
-        ]
-        outputs.check_output_dir(output_dir, tuple(r["source"] for r in records), names={})
-    else:
-        records = [
-            {
-                "name": inputs.stem(source),
-                "source": source,
-                "target": output_dir,
-                "mask": mask,
-                "bvals": bvals,
-                "bvecs": bvecs,
-            }
-        ]
-    for record in records:
-        outputs.check_output_dir(record["target"], (record["source"],))
-    return records
+def output_convention(tensor_order: str, output_tensor_order: Any = None) -> str:
+    """The convention outputs are written in: ``output_tensor_order``, else the input's."""
+    if output_tensor_order is None or str(output_tensor_order) in ("", "None"):
+        return tensor_order
+    return str(output_tensor_order)
 
 
-class LoadInferenceInput:
-    """The inference ``preprocessing``: a subject record gains ``item``, its validated input
-    (:func:`monai_iqt.inputs.load_input`: a tensor image, or a DWI fitted with DIPY)."""
+@dataclass
+class InferencePlan:
+    """Validated inputs and where each one's outputs go (``prepare_inference``)."""
 
-    def __init__(self, tensor_order: str = "dipy") -> None:
-        self.tensor_order = tensor_order
-
-    def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
-        item = _inference_api()[1].load_input(
-            record["source"],
-            record.get("mask"),
-            record.get("bvals"),
-            record.get("bvecs"),
-            name=record["name"],
-            tensor_order=self.tensor_order,
-        )
-        return {**record, "item": item}
-
-
-@exit_on_bad_input
-def inference_dataset(
-    input: Any,
-    output_dir: Any,
-    mask: Any = None,
-    bvals: Any = None,
-    bvecs: Any = None,
-    transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-    dataset_dir: Any = None,
-) -> Any:
-    """The inference ``dataset``: a MONAI Dataset of the :func:`inference_records`, each loaded
-    by ``transform`` (the ``preprocessing``) when read. ``dataset_dir`` is the model zoo's name
-    for a folder input: give it or ``input``, not both."""
-    from monai.data import Dataset
-
-    given = [value for value in (input, dataset_dir) if value is not None and str(value) != ""]
-    if len(given) == 2:
-        raise InputError(
-            f"input {input} and dataset_dir {dataset_dir} both given: pass one of them."
-        )
-    source = given[0] if given else None
-    return Dataset(inference_records(source, output_dir, mask, bvals, bvecs), transform=transform)
+    items: list[Any]
+    targets: dict[str, Path]
+    #: per input name: its output file names and record name (BIDS derivatives' names)
+    names: dict[str, dict[str, str]] = field(default_factory=dict)
+    record_names: dict[str, str] = field(default_factory=dict)
+    #: a BIDS input's dataset root: outputs form a derivatives tree below ``output_dir``
+    bids_root: Path | None = None
+    output_dir: Path | None = None
+    #: one sentence per BIDS DWI that cannot be used (the others still run; exit 2 at the end)
+    failures: list[str] = field(default_factory=list)
 
 
 def prepare_inference(
@@ -483,27 +437,177 @@ def prepare_inference(
     bvals: Any = None,
     bvecs: Any = None,
     tensor_order: str = "dipy",
-) -> tuple[list[Any], dict[str, Path]]:
-    """Validate the output folders, then load and check every input (nothing written yet)."""
-    records = inference_records(input, output_dir, mask, bvals, bvecs)
-    load = LoadInferenceInput(tensor_order)
-    items = [load(record)["item"] for record in records]
-    return items, {record["name"]: record["target"] for record in records}
+    normalisation_path: Any = None,
+    voxel_size_mismatch: Any = None,
+    load: Callable[..., Any] | None = None,
+) -> InferencePlan:
+    """Validate the output folders, then load (``load``, the config's ``preprocessing``; by
+    default :class:`LoadInferenceInput` in ``tensor_order``) and check every input (nothing
+    written yet).
+
+    With ``normalisation_path``, each input's voxel size is checked against the LR voxel size the
+    weights were trained on (``voxel_size_mismatch``: refuse, resample or allow). A BIDS dataset
+    (or subject or session folder) is read DWI by DWI: one that cannot be used is kept as a
+    sentence in ``failures`` while the others go on, unless none can be used.
+    """
+    from monai_iqt import bids
+
+    _, inputs, outputs, weights = _inference_api()
+    load = load or LoadInferenceInput(tensor_order)
+    if input is None or str(input) in ("", "None"):
+        raise InputError(
+            "no input given: pass --input PATH (an LR tensor NIfTI, a DWI, a folder or a BIDS "
+            "dataset)."
+        )
+    if output_dir is None or str(output_dir) in ("", "None"):
+        raise InputError("no output folder given: pass --output_dir DIR.")
+    source, output_dir = Path(input), Path(output_dir)
+    trained = None
+    if normalisation_path is not None and Path(str(normalisation_path)).is_file():
+        trained = weights.read_stats(normalisation_path).extra.get("lr_voxel_size_mm")
+
+    def check_resolution(item: Any) -> Any:
+        if normalisation_path is None:
+            return item
+        if trained is None:
+            weights.read_stats(normalisation_path)  # a missing file: one sentence naming it
+        return inputs.check_voxel_size(item, trained, voxel_size_mismatch)
+
+    if source.is_dir() and bids.dataset_root(source) is not None:
+        return _prepare_bids(source, output_dir, load, check_resolution)
+    if source.is_dir():
+        folders = inputs.discover_inputs(source)
+        if not folders:
+            raise InputError(
+                f"{source} holds no subject folder with a dt_lr.nii.gz and is not a BIDS dataset "
+                "(no dataset_description.json)."
+            )
+        targets = {folder.name: output_dir / folder.name for folder in folders}
+        sources = {folder.name: folder / "dt_lr.nii.gz" for folder in folders}
+        outputs.check_output_dir(output_dir, tuple(sources.values()), names={})
+    else:
+        targets = {inputs.stem(source): output_dir}
+        sources = {inputs.stem(source): source}
+    for name, target in targets.items():
+        outputs.check_output_dir(target, (sources[name],))
+    if source.is_dir():
+        items = [load(sources[name], name=name) for name in targets]
+    else:
+        items = [load(source, mask, bvals, bvecs)]
+    return InferencePlan([check_resolution(item) for item in items], targets)
+
+
+def _prepare_bids(
+    source: Path, output_dir: Path, load: Callable[..., Any], check_resolution: Callable[[Any], Any]
+) -> InferencePlan:
+    """Every DWI of a BIDS input, loaded and checked; the unusable ones as sentences."""
+    from monai_iqt import bids
+
+    _, inputs, outputs, _ = _inference_api()
+    dwis = bids.find_dwis(source)
+    bids.check_derivatives_root(output_dir)
+    plan = InferencePlan([], {}, bids_root=bids.dataset_root(source), output_dir=output_dir)
+    for dwi in dwis:
+        name = dwi.prefix
+        plan.targets[name] = output_dir / dwi.folder
+        plan.names[name] = dwi.output_names()
+        plan.record_names[name] = dwi.record_name
+        outputs.check_output_dir(
+            plan.targets[name], (dwi.path,), plan.names[name], plan.record_names[name]
+        )
+    for dwi in dwis:
+        problem = bids.missing_gradients(dwi)
+        if problem is None:
+            try:
+                item = load(dwi.path, None, dwi.bval, dwi.bvec, name=dwi.prefix)
+                plan.items.append(check_resolution(item))
+                continue
+            except InputError as error:
+                problem = str(error)
+        log.error("%s", problem)
+        plan.failures.append(problem)
+    if not plan.items:
+        raise InputError(plan.failures[0])
+    return plan
+
+
+class LoadInferenceInput:
+    """The inference ``preprocessing``: one input loaded and checked in ``tensor_order``
+    (:func:`monai_iqt.inputs.load_input`: a tensor image, or a DWI fitted with DIPY)."""
+
+    def __init__(self, tensor_order: str = "dipy") -> None:
+        self.tensor_order = tensor_order
+
+    def __call__(
+        self,
+        source: Any,
+        mask: Any = None,
+        bvals: Any = None,
+        bvecs: Any = None,
+        name: str | None = None,
+    ) -> Any:
+        return _inference_api()[1].load_input(
+            source, mask, bvals, bvecs, name=name, tensor_order=self.tensor_order
+        )
+
+
+@exit_on_bad_input
+def inference_dataset(
+    input: Any,
+    output_dir: Any,
+    mask: Any = None,
+    bvals: Any = None,
+    bvecs: Any = None,
+    preprocessing: LoadInferenceInput | None = None,
+    normalisation_path: Any = None,
+    voxel_size_mismatch: Any = None,
+    dataset_dir: Any = None,
+) -> InferencePlan:
+    """The inference ``dataset``: every input loaded by ``preprocessing`` and checked, with where
+    its outputs go (:func:`prepare_inference`; nothing written yet). ``dataset_dir`` is the model
+    zoo's name for a folder input: give it or ``input``, not both."""
+    given = [value for value in (input, dataset_dir) if value is not None and str(value) != ""]
+    if len(given) == 2:
+        raise InputError(
+            f"input {input} and dataset_dir {dataset_dir} both given: pass one of them."
+        )
+    preprocessing = preprocessing or LoadInferenceInput()
+    return prepare_inference(
+        given[0] if given else None,
+        output_dir,
+        mask,
+        bvals,
+        bvecs,
+        preprocessing.tensor_order,
+        normalisation_path,
+        voxel_size_mismatch,
+        load=preprocessing,
+    )
 
 
 def predict_and_write(
-    volume_inferer: Any, writer: Any, items: list[Any], targets: dict[str, Path], provenance: dict
+    volume_inferer: Any,
+    writer: Any,
+    plan: InferencePlan,
+    provenance: dict,
+    tensor_order: str = "dipy",
+    output_tensor_order: Any = None,
 ) -> dict[str, dict[str, Path]]:
-    """Super-resolve each validated input and write its files."""
-    from preprocessing.geometry import hr_affine_from_lr
+    """Super-resolve each validated input and write its files (tensors in the input's
+    convention ``tensor_order`` unless ``output_tensor_order`` is given).
 
-    inferers, inputs, _, _ = _inference_api()
+    BIDS outputs use BEP016's element order and names, and the derivatives tree gets its
+    ``dataset_description.json``; DWIs that could not be used are then one sentence (exit 2),
+    after the others' outputs are written.
+    """
+    from monai_iqt import bids
+    from preprocessing.geometry import hr_affine_from_lr
+    from preprocessing.tensor_conventions import BIDS_ORDER
+
+    inferers, inputs, outputs, _ = _inference_api()
     written = {}
     r = volume_inferer.upscale_factor
-    for item in items:
-        inputs.warn_voxel_size(
-            item.affine, volume_inferer.stats.extra.get("lr_voxel_size_mm"), item.source
-        )
+    for item in plan.items:
         region = (
             inputs.inference_region(item.mask_lr)
             if item.mask_lr is not None
@@ -518,15 +622,41 @@ def predict_and_write(
         record = {
             **provenance,
             "input": str(item.source),
+            "input_tensor_order": tensor_order,
             "mask": item.mask_source,
             "upscale_factor": r,
             "inference_mode": volume_inferer.inferer.inference_mode,
             "mc_samples": volume_inferer.mc_samples,
+            "resolution": item.resolution,
+        }
+        sidecar = {
+            "Sources": [str(item.source)],
+            "InputTensorConvention": tensor_order,
+            **(item.resolution or {}),
         }
         written[item.name] = writer(
-            targets[item.name], dt_hr, mask_hr, hr_affine_from_lr(item.affine, r), record, dt_std
+            plan.targets[item.name],
+            dt_hr,
+            mask_hr,
+            hr_affine_from_lr(item.affine, r),
+            record,
+            dt_std,
+            convention=output_convention(tensor_order, output_tensor_order),
+            sidecar=sidecar,
+            names=plan.names.get(item.name, outputs.OUTPUT_NAMES),
+            record_name=plan.record_names.get(item.name, outputs.RECORD_NAME),
+            order=BIDS_ORDER if plan.bids_root is not None else None,
         )
-        log.info("%s -> %s", item.source, targets[item.name])
+        log.info("%s -> %s", item.source, plan.targets[item.name])
+    if plan.bids_root is not None:
+        bids.write_dataset_description(plan.output_dir, plan.bids_root)
+    if plan.failures:
+        others = len(plan.failures) - 1
+        more = f"; {others} more DWI(s) failed too (see the log)" if others else ""
+        raise InputError(
+            f"{plan.failures[0].rstrip('.')}{more}; the other {len(plan.items)} DWI(s) were "
+            "written."
+        )
     return written
 
 
@@ -556,6 +686,8 @@ def run_inference(
     mc_samples: int = 1,
     predict_variance: bool | None = None,
     seed: int = 0,
+    output_tensor_order: str | None = None,
+    voxel_size_mismatch: str | None = None,
 ) -> dict[str, dict[str, Path]]:
     """Validate every input and output folder, then load the model, predict and write.
 
@@ -565,9 +697,25 @@ def run_inference(
     """
     inferers, _, outputs, _ = _inference_api()
     check_inference_settings.__wrapped__(
-        inference_mode, roi_size, sw_batch_size, tensor_order, repair_tensors, mc_samples
+        inference_mode,
+        roi_size,
+        sw_batch_size,
+        tensor_order,
+        repair_tensors,
+        mc_samples,
+        output_tensor_order=output_tensor_order,
+        voxel_size_mismatch=voxel_size_mismatch,
     )
-    items, targets = prepare_inference(input, output_dir, mask, bvals, bvecs, tensor_order)
+    plan = prepare_inference(
+        input,
+        output_dir,
+        mask,
+        bvals,
+        bvecs,
+        tensor_order,
+        normalisation_path,
+        voxel_size_mismatch,
+    )
     check_inference_settings.__wrapped__(
         inference_mode,
         roi_size,
@@ -590,12 +738,13 @@ def run_inference(
     )
     writer = outputs.PredictionWriter(as_bool(repair_tensors))
     provenance = _provenance(model_path, volume_inferer.stats)
-    return predict_and_write(volume_inferer, writer, items, targets, provenance)
+    return predict_and_write(
+        volume_inferer, writer, plan, provenance, tensor_order, output_tensor_order
+    )
 
 
 def _predict_all(
-    items: list[Any],
-    targets: dict[str, Path],
+    plan: InferencePlan,
     network: Any,
     inferer: Any,
     writer: Any,
@@ -604,6 +753,8 @@ def _predict_all(
     device: Any = None,
     mc_samples: int = 1,
     seed: int = 0,
+    tensor_order: str = "dipy",
+    output_tensor_order: Any = None,
 ) -> dict[str, dict[str, Path]]:
     """The config's network (weights loaded) and halo-exact inferer over every loaded input."""
     inferers, _, _, weights = _inference_api()
@@ -619,7 +770,10 @@ def _predict_all(
         mc_samples=mc_samples,
         seed=seed,
     )
-    return predict_and_write(volume_inferer, writer, items, targets, _provenance(model_path, stats))
+    provenance = _provenance(model_path, stats)
+    return predict_and_write(
+        volume_inferer, writer, plan, provenance, tensor_order, output_tensor_order
+    )
 
 
 @exit_on_bad_input
@@ -638,13 +792,23 @@ def inference(
     device: Any = None,
     mc_samples: int = 1,
     seed: int = 0,
+    output_tensor_order: Any = None,
+    voxel_size_mismatch: Any = None,
 ) -> dict[str, dict[str, Path]]:
     """Inference from Python: the network (weights loaded), inferer and writer applied to
     ``input``; bad input is one sentence and exit 2."""
-    items, targets = prepare_inference(input, output_dir, mask, bvals, bvecs, tensor_order)
+    plan = prepare_inference(
+        input,
+        output_dir,
+        mask,
+        bvals,
+        bvecs,
+        tensor_order,
+        normalisation_path,
+        voxel_size_mismatch,
+    )
     return _predict_all(
-        items,
-        targets,
+        plan,
         network,
         inferer,
         writer,
@@ -653,13 +817,16 @@ def inference(
         device,
         mc_samples,
         seed,
+        tensor_order,
+        output_tensor_order,
     )
 
 
 class InferenceEvaluator:
-    """The inference config's ``evaluator``: reads every record of ``dataset`` (its
-    ``preprocessing`` loads and checks each input, all before anything is written), then
-    super-resolves each with ``network`` and ``inferer`` and writes it with ``postprocessing``.
+    """The inference config's ``evaluator``: super-resolves every input of ``dataset`` (an
+    :class:`InferencePlan`, all inputs loaded and checked by its ``preprocessing`` before anything
+    is written) with ``network`` and ``inferer`` and writes each with ``postprocessing``, in
+    ``output_tensor_order`` or else the input's ``tensor_order``.
 
     Not an Ignite engine: whole volumes go through the halo-exact inferer one subject at a time,
     with per-subject output folders and provenance records.
@@ -667,7 +834,7 @@ class InferenceEvaluator:
 
     def __init__(
         self,
-        dataset: Any,
+        dataset: InferencePlan,
         network: Any,
         inferer: Any,
         postprocessing: Any,
@@ -676,6 +843,8 @@ class InferenceEvaluator:
         device: Any = None,
         mc_samples: int = 1,
         seed: int = 0,
+        tensor_order: str = "dipy",
+        output_tensor_order: Any = None,
     ) -> None:
         self.dataset = dataset
         self.network = network
@@ -686,14 +855,14 @@ class InferenceEvaluator:
         self.device = device
         self.mc_samples = mc_samples
         self.seed = seed
+        self.tensor_order = tensor_order
+        self.output_tensor_order = output_tensor_order
 
     @exit_on_bad_input
     def run(self) -> dict[str, dict[str, Path]]:
-        """The bundle's ``run``: bad input is one sentence and exit 2, nothing written."""
-        records = [self.dataset[i] for i in range(len(self.dataset))]
+        """The bundle's ``run``: bad input is one sentence and exit 2."""
         return _predict_all(
-            [record["item"] for record in records],
-            {record["name"]: record["target"] for record in records},
+            self.dataset,
             self.network,
             self.inferer,
             self.postprocessing,
@@ -702,4 +871,6 @@ class InferenceEvaluator:
             self.device,
             self.mc_samples,
             self.seed,
+            self.tensor_order,
+            self.output_tensor_order,
         )

@@ -2,9 +2,10 @@
 
 Every check here runs before the model is loaded or anything is written, and every problem is
 one sentence naming the file (:class:`~preprocessing.io.InputError`). Tensors come out as
-(X, Y, Z, 6) float32 mm^2/s in DIPY's order (``preprocessing.io.TENSOR_ELEMENTS``), whatever
-order (``tensor_order``) the file used; a brain mask is taken from ``--mask``, found beside the
-input as ``bvals``/``bvecs`` are, or (for a DWI) computed with DIPY's ``median_otsu``.
+(X, Y, Z, 6) float32 mm^2/s in DIPY's order (``preprocessing.io.TENSOR_ELEMENTS``) in the image's
+voxel axes, whatever order and frame (``tensor_order``: dipy, fsl, mrtrix; see
+``preprocessing.tensor_conventions``) the file used; a brain mask is taken from ``--mask``, found
+beside the input as ``bvals``/``bvecs`` are, or (for a DWI) computed with DIPY's ``median_otsu``.
 """
 
 from __future__ import annotations
@@ -19,25 +20,26 @@ import numpy as np
 from scipy import ndimage
 
 from preprocessing import io, layout
+from preprocessing.downsample import data_brain_mask
 from preprocessing.geometry import voxel_sizes
 from preprocessing.gradients import read_gradient_table
-from preprocessing.io import TENSOR_ELEMENTS, InputError, load_nifti, read_nifti
+from preprocessing.io import InputError, load_nifti, read_nifti
+from preprocessing.tensor_conventions import TENSOR_ORDERS, to_voxel_frame
 from preprocessing.tensor_fit import B0_THRESHOLD, DEFAULT_BMAX, fit_dti
 
 log = logging.getLogger(__name__)
 
-#: Element order of the 6-volume tensor files of common tools (DIPY's is the project's).
-TENSOR_ORDERS: dict[str, tuple[str, ...]] = {
-    "dipy": TENSOR_ELEMENTS,
-    "fsl": ("Dxx", "Dxy", "Dxz", "Dyy", "Dyz", "Dzz"),  # dtifit --save_tensor
-    "mrtrix": ("Dxx", "Dyy", "Dzz", "Dxy", "Dxz", "Dyz"),  # dwi2tensor
-}
-
 #: Plausible median mean diffusivity of brain tissue in mm^2/s (about 0.7e-3 in white matter).
 MD_RANGE_MM2_S = (1e-4, 1e-2)
 
-#: Relative difference between input and training voxel sizes above which inference warns.
-VOXEL_SIZE_TOLERANCE = 0.2
+#: Relative difference between input and training voxel sizes above which inference refuses.
+VOXEL_SIZE_TOLERANCE = 0.1
+
+#: What to do with an input whose voxels are not the trained LR voxels (``voxel_size_mismatch``).
+VOXEL_SIZE_CHOICES = ("refuse", "resample", "allow")
+
+#: scipy.ndimage spline order of the resampling (the cubic B-spline baseline's, ``metrics``).
+RESAMPLE_SPLINE_ORDER = 3
 
 #: Bytes per voxel per channel while a volume is processed (float32 plus working copies).
 BYTES_PER_VALUE = 4
@@ -53,6 +55,7 @@ class InferenceInput:
     mask_lr: np.ndarray | None
     source: Path
     mask_source: str = "none"
+    resolution: dict | None = None
 
 
 def stem(path: Path) -> str:
@@ -123,15 +126,16 @@ def load_mask(mask_path: Path, shape: tuple[int, ...], image_path: Path) -> np.n
     return mask
 
 
-def to_dipy_order(dt: np.ndarray, tensor_order: str, path: Path) -> np.ndarray:
-    """Reorder the last axis from ``tensor_order`` (dipy, fsl, mrtrix) to DIPY's order."""
+def to_dipy_voxel_frame(
+    dt: np.ndarray, tensor_order: str, affine: np.ndarray, path: Path
+) -> np.ndarray:
+    """A tensor file's elements (``tensor_order``: dipy, fsl, mrtrix) in DIPY order, voxel frame."""
     if tensor_order not in TENSOR_ORDERS:
         raise InputError(
-            f"tensor_order {tensor_order!r} is not one of {', '.join(TENSOR_ORDERS)} "
-            f"(the element order of {path.name})."
+            f"tensor_order {tensor_order!r} is not one of {', '.join(TENSOR_ORDERS)} (the element "
+            f"order and frame of {path.name})."
         )
-    source = TENSOR_ORDERS[tensor_order]
-    return dt[..., [source.index(element) for element in TENSOR_ELEMENTS]]
+    return to_voxel_frame(dt, tensor_order, affine).astype(np.float32)
 
 
 def check_units(dt: np.ndarray, brain: np.ndarray, path: Path) -> None:
@@ -161,9 +165,7 @@ def check_units(dt: np.ndarray, brain: np.ndarray, path: Path) -> None:
 
 def dwi_brain_mask(b0: np.ndarray, path: Path) -> np.ndarray:
     """Brain mask of a DWI from the mean b0 with DIPY's ``median_otsu`` (logged)."""
-    from dipy.segment.mask import median_otsu
-
-    _, mask = median_otsu(b0, median_radius=2, numpass=1)
+    mask = data_brain_mask(b0)  # the settings of preprocessing's --lr-mask lr-data
     log.info(
         "%s: no brain mask given or found beside it; DIPY median_otsu on the mean b0 gives %d "
         "brain voxels",
@@ -209,7 +211,8 @@ def load_input(
     is_dwi = bvals is not None or bvecs is not None or image.shape[3] != 6
     if not is_dwi:
         check_fits_in_memory(image, path, 6)
-        dt = to_dipy_order(read_volumes(image, path, np.arange(6)), tensor_order, path)
+        dt = read_volumes(image, path, np.arange(6))
+        dt = to_dipy_voxel_frame(dt, tensor_order, image.affine, path)
         check_units(dt, mask_lr if mask_lr is not None else np.any(dt != 0, axis=-1), path)
         return InferenceInput(name, dt, image.affine, mask_lr, path, mask_source)
     found_bvals, found_bvecs = find_gradients(path)
@@ -246,17 +249,106 @@ def discover_inputs(folder: Path) -> list[Path]:
     return sorted(p.parent for p in folder.glob(f"*/{layout.DT_LR}"))
 
 
-def warn_voxel_size(affine: np.ndarray, trained, path: Path) -> None:
-    """Warn when the input's voxel size is far from the LR voxel size the model was trained on."""
+def _mm(sizes) -> str:
+    return "x".join(f"{v:.3g}" for v in sizes) + " mm"
+
+
+def check_voxel_size(item: InferenceInput, trained, choice: str | None = None) -> InferenceInput:
+    """Refuse, resample or allow an input whose voxels are not the trained LR voxels.
+
+    More than :data:`VOXEL_SIZE_TOLERANCE` apart on any axis, or anisotropic (the model is
+    isotropic): one sentence naming both sizes and the two ways forward, unless ``choice`` is
+    ``resample`` (the tensor and mask resampled to the trained voxel size over the same field of
+    view, as the cubic B-spline baseline interpolates) or ``allow`` (run as given). What was done
+    is kept in ``item.resolution`` for the sidecars.
+    """
+    choice = "refuse" if choice is None or str(choice) in ("", "None") else str(choice)
+    actual = voxel_sizes(item.affine)
     if trained is None:
-        return
+        log.warning("the weights record no LR voxel size: %s is not checked", item.source)
+        return item
     trained = np.broadcast_to(np.asarray(trained, dtype=float), (3,))
-    actual = voxel_sizes(affine)
-    if np.any(np.abs(actual - trained) > VOXEL_SIZE_TOLERANCE * trained):
-        log.warning(
-            "%s has voxels of %s mm but the model was trained on LR voxels of %s mm; "
-            "predictions at another resolution are not validated",
-            path,
-            "x".join(f"{v:.3g}" for v in actual),
-            "x".join(f"{v:.3g}" for v in trained),
+    off = bool(np.any(np.abs(actual - trained) > VOXEL_SIZE_TOLERANCE * trained))
+    anisotropic = bool(actual.max() > (1 + VOXEL_SIZE_TOLERANCE) * actual.min())
+    record = {
+        "InputVoxelSizeMm": [round(float(v), 6) for v in actual],
+        "TrainedLRVoxelSizeMm": [float(v) for v in trained],
+    }
+    if not (off or anisotropic):
+        item.resolution = {**record, "VoxelSizeMismatch": "none"}
+        return item
+    if choice == "refuse":
+        ways = (
+            f"choose --voxel_size_mismatch resample (resample it to {_mm(trained)} with cubic "
+            f"B-splines) or --voxel_size_mismatch allow (run it at {_mm(actual)}, a scale the "
+            "model never saw)"
         )
+        if anisotropic:
+            raise InputError(
+                f"{item.source} has anisotropic voxels of {_mm(actual)}, but the model is "
+                f"isotropic (trained on LR voxels of {_mm(trained)}): {ways}."
+            )
+        raise InputError(
+            f"{item.source} has voxels of {_mm(actual)} but the model was trained on LR voxels of "
+            f"{_mm(trained)} (more than {VOXEL_SIZE_TOLERANCE:.0%} apart): {ways}."
+        )
+    if choice == "allow":
+        log.warning(
+            "%s: voxels of %s, trained on %s: run as given (--voxel_size_mismatch allow)",
+            item.source,
+            _mm(actual),
+            _mm(trained),
+        )
+        item.resolution = {**record, "VoxelSizeMismatch": "allow"}
+        return item
+    return resample_to_voxel_size(item, trained, record)
+
+
+def resample_to_voxel_size(
+    item: InferenceInput, trained: np.ndarray, record: dict
+) -> InferenceInput:
+    """``item`` on a grid of (about) ``trained`` voxels over the same field of view.
+
+    Each tensor element by cubic B-spline (``scipy.ndimage.zoom``, order 3, edge values
+    repeated, ``grid_mode``: the outer voxel faces stay where they were), the mask by nearest
+    neighbour. Resampling along the voxel axes keeps the tensors' frame.
+    """
+    actual = voxel_sizes(item.affine)
+    shape = np.asarray(item.dt_lr.shape[:3])
+    new_shape = np.maximum(1, np.round(shape * actual / trained)).astype(int)
+    zoom = new_shape / shape
+
+    def resample(volume: np.ndarray, order: int) -> np.ndarray:
+        return ndimage.zoom(volume, zoom, order=order, mode="nearest", grid_mode=True)
+
+    dt = np.stack(
+        [resample(item.dt_lr[..., c].astype(np.float64), RESAMPLE_SPLINE_ORDER) for c in range(6)],
+        axis=-1,
+    ).astype(np.float32)
+    scale = shape / new_shape  # old voxels per new voxel along each axis
+    index_map = np.diag([*scale, 1.0])
+    index_map[:3, 3] = 0.5 * scale - 0.5  # new voxel j's centre is old index (j + 0.5) s - 0.5
+    affine = np.asarray(item.affine, dtype=np.float64) @ index_map
+    support = item.mask_lr if item.mask_lr is not None else np.any(item.dt_lr != 0, axis=-1)
+    support = resample(np.asarray(support, dtype=np.uint8), 0) > 0
+    dt[~support] = 0  # no spline ringing beyond the brain (or the input's non-zero region)
+    mask = None if item.mask_lr is None else support
+    log.info(
+        "%s: resampled from %s to %s voxels (%s to %s grid) with cubic B-splines "
+        "(--voxel_size_mismatch resample)",
+        item.source,
+        _mm(actual),
+        _mm(voxel_sizes(affine)),
+        "x".join(map(str, shape)),
+        "x".join(map(str, new_shape)),
+    )
+    item.resolution = {
+        **record,
+        "VoxelSizeMismatch": "resample",
+        "ResampledVoxelSizeMm": [round(float(v), 6) for v in voxel_sizes(affine)],
+        "ResampledShape": [int(n) for n in new_shape],
+        "Interpolation": "cubic B-spline (scipy.ndimage.zoom order 3, grid_mode, edge repeated); "
+        "mask by nearest neighbour",
+    }
+    item.dt_lr, item.affine, item.mask_lr = dt, affine, mask
+    return item

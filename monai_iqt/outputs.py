@@ -3,7 +3,11 @@
 Per subject: ``dt_hr.nii.gz`` (rX, rY, rZ, 6 float32 mm^2/s, zero outside the brain),
 ``mask_hr.nii.gz`` (the HR brain mask used), ``md``, ``fa``, ``colour_fa``; for models with an
 uncertainty, ``dt_hr_std`` (6 channels), ``md_std`` and ``fa_std``; and, last,
-``inference.json``, the record that says these files were written by this tool.
+``inference.json``, the record that says these files were written by this tool. Beside each image
+a JSON sidecar (``dt_hr.json`` ...) says what it holds: for tensors the element order, frame and
+units of the convention they are written in (``preprocessing.tensor_conventions``: the input's
+unless ``output_tensor_order`` says otherwise); maps do not depend on the frame, and colour-FA is
+drawn from the principal direction in the image's voxel axes.
 
 Safety rules: an output folder that holds preprocessed subjects, or the input's own folder, is
 refused; an existing file with an output's name is replaced only if the folder's record lists
@@ -29,6 +33,7 @@ from dipy.reconst.dti import from_lower_triangular, lower_triangular
 from monai_iqt.maps import tensor_maps
 from preprocessing import layout
 from preprocessing.io import InputError, write_json
+from preprocessing.tensor_conventions import TENSOR_ORDERS, from_voxel_frame, tensor_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,29 @@ RECORD_NAME = "inference.json"
 #: The record's ``tool`` field: files listed in such a record may be replaced by a new run.
 TOOL = "monai-iqt inference"
 
+#: What each image holds, for its JSON sidecar (tensor sidecars add order, frame and units).
+DESCRIPTIONS = {
+    "dt_hr": "Super-resolved diffusion tensor (6 elements per voxel).",
+    "mask_hr": "HR brain mask: the LR brain region (grown by one LR voxel) over each HR block.",
+    "md": "Mean diffusivity of the super-resolved tensor.",
+    "fa": "Fractional anisotropy of the super-resolved tensor.",
+    "colour_fa": (
+        "Colour FA: red, green, blue = FA x |first, second, third component| of the principal "
+        "eigenvector in this image's voxel axes (i, j, k: the first, second, third array axis), "
+        "whatever the tensor file's frame."
+    ),
+    "dt_hr_std": "Predictive standard deviation of each tensor element.",
+    "md_std": "Standard deviation of MD over tensors drawn from the predictive distribution.",
+    "fa_std": "Standard deviation of FA over tensors drawn from the predictive distribution.",
+}
+UNITS = {"md": "mm^2/s", "md_std": "mm^2/s", "fa": "1", "fa_std": "1", "colour_fa": "1"}
+
+
+def sidecar_name(name: str) -> str:
+    """The JSON sidecar's name of an image ``name`` (``dt_hr.nii.gz`` -> ``dt_hr.json``)."""
+    return name.removesuffix(".gz").removesuffix(".nii") + ".json"
+
+
 #: Smallest eigenvalue (mm^2/s) of a repaired tensor (brain MD is about 7e-4 mm^2/s).
 EIGENVALUE_FLOOR = 1e-6
 
@@ -59,7 +87,10 @@ def _resolved(path: Path) -> Path:
 
 
 def check_output_dir(
-    output_dir: str | os.PathLike, inputs: tuple[Path, ...] = (), names=OUTPUT_NAMES
+    output_dir: str | os.PathLike,
+    inputs: tuple[Path, ...] = (),
+    names=OUTPUT_NAMES,
+    record_name: str = RECORD_NAME,
 ) -> Path:
     """Refuse an output folder that would overwrite inputs or files this tool did not write
     there (``names``: the output names to check), then prove it writable without creating it."""
@@ -75,11 +106,11 @@ def check_output_dir(
                 f"output folder {output_dir} is the folder of the input {source.name}: outputs "
                 "there could replace the input or its siblings; choose another --output_dir."
             )
-    foreign = foreign_outputs(output_dir, names)
+    foreign = foreign_outputs(output_dir, names, record_name)
     if foreign:
         raise InputError(
             f"{output_dir / foreign[0]} exists and was not written by {TOOL} (no "
-            f"{RECORD_NAME} there lists it); move it or choose another --output_dir."
+            f"{record_name} there lists it); move it or choose another --output_dir."
         )
     return check_writable(output_dir)
 
@@ -106,16 +137,20 @@ def check_writable(output_dir: str | os.PathLike) -> Path:
     return output_dir
 
 
-def foreign_outputs(output_dir: Path, names=OUTPUT_NAMES) -> list[str]:
+def foreign_outputs(
+    output_dir: Path, names=OUTPUT_NAMES, record_name: str = RECORD_NAME
+) -> list[str]:
     """Output names that exist in ``output_dir`` but that no inference record there lists."""
-    present = [n for n in names.values() if (output_dir / n).exists()]
+    candidates = [n for name in names.values() for n in (name, sidecar_name(name))]
+    present = [n for n in candidates if (output_dir / n).exists()]
     if not present:
         return []
     listed: set[str] = set()
     try:
-        record = json.loads((output_dir / RECORD_NAME).read_text())
+        record = json.loads((output_dir / record_name).read_text())
         if isinstance(record, dict) and record.get("tool") == TOOL:
             listed = set(record.get("outputs", {}).values())
+            listed |= set(record.get("sidecars", {}).values())
     except (OSError, ValueError):
         pass
     return [n for n in present if n not in listed]
@@ -209,9 +244,15 @@ def _nifti(data: np.ndarray, affine: np.ndarray, dtype) -> nib.Nifti1Image:
 
 
 def write_outputs(
-    output_dir: Path, images: dict[str, nib.Nifti1Image], record: dict[str, Any]
+    output_dir: Path,
+    images: dict[str, nib.Nifti1Image],
+    record: dict[str, Any],
+    sidecars: dict[str, dict[str, Any]] | None = None,
+    names: dict[str, str] = OUTPUT_NAMES,
+    record_name: str = RECORD_NAME,
 ) -> dict[str, Path]:
-    """Write every image to a temporary name, rename them all, then write the record.
+    """Write every image to a temporary name, rename them all, then their JSON sidecars
+    (``sidecars``, by role) and the record. ``names``: each role's file name.
 
     Any error while writing removes the temporaries and leaves earlier files as they were; an
     OSError (a full disk, a quota) is one sentence.
@@ -221,7 +262,7 @@ def write_outputs(
     try:
         for role, image in images.items():
             fd, name = tempfile.mkstemp(
-                prefix=f".{OUTPUT_NAMES[role]}.", suffix=".tmp.nii.gz", dir=output_dir
+                prefix=f".{names[role]}.", suffix=".tmp.nii.gz", dir=output_dir
             )
             os.close(fd)
             temporaries[role] = Path(name)
@@ -240,13 +281,20 @@ def write_outputs(
         raise
     paths = {}
     for role, temporary in temporaries.items():
-        paths[role] = output_dir / OUTPUT_NAMES[role]
+        paths[role] = output_dir / names[role]
         os.replace(temporary, paths[role])
-    for role, name in OUTPUT_NAMES.items():  # an earlier run's files this run does not write
-        if role not in images and name not in foreign_outputs(output_dir, {role: name}):
+    sidecars = sidecars or {}
+    for role, sidecar in sidecars.items():
+        write_json(output_dir / sidecar_name(names[role]), sidecar)
+    for role, name in names.items():  # an earlier run's files this run does not write
+        if role not in images and not foreign_outputs(output_dir, {role: name}, record_name):
             (output_dir / name).unlink(missing_ok=True)
-    written = {role: OUTPUT_NAMES[role] for role in images}
-    write_json(output_dir / RECORD_NAME, {**record, "outputs": written})
+            (output_dir / sidecar_name(name)).unlink(missing_ok=True)
+    written = {role: names[role] for role in images}
+    written_sidecars = {role: sidecar_name(names[role]) for role in sidecars}
+    write_json(
+        output_dir / record_name, {**record, "outputs": written, "sidecars": written_sidecars}
+    )
     return paths
 
 
@@ -255,6 +303,10 @@ class PredictionWriter:
 
     Args:
         repair_tensors: clip the eigenvalues of non-positive-definite brain tensors.
+
+    ``dt_hr`` (and ``dt_std``) come in DIPY order in the voxel frame; the tensor files are
+    written in ``convention`` (dipy, fsl, mrtrix), said in their sidecars with ``sidecar``'s
+    entries (the input, what was done to its resolution) added to every sidecar.
     """
 
     def __init__(self, repair_tensors: bool = False) -> None:
@@ -268,6 +320,11 @@ class PredictionWriter:
         hr_affine: np.ndarray,
         provenance: dict[str, Any],
         dt_std: np.ndarray | None = None,
+        convention: str = "dipy",
+        sidecar: dict[str, Any] | None = None,
+        names: dict[str, str] = OUTPUT_NAMES,
+        record_name: str = RECORD_NAME,
+        order: tuple[str, ...] | None = None,
     ) -> dict[str, Path]:
         mask_hr = np.asarray(mask_hr, dtype=bool)
         dt_hr = np.asarray(dt_hr, dtype=np.float32)  # modified in place (no full-size copies)
@@ -275,20 +332,47 @@ class PredictionWriter:
         dt_hr = repair_tensors(dt_hr, mask_hr, self.repair_tensors, str(output_dir))
         maps = slab_maps(dt_hr, mask_hr)
         images = {
-            "dt_hr": _nifti(dt_hr, hr_affine, np.float32),
+            "dt_hr": _nifti(
+                from_voxel_frame(dt_hr, convention, hr_affine, order), hr_affine, np.float32
+            ),
             "mask_hr": _nifti(mask_hr, hr_affine, np.uint8),
             **{key: _nifti(maps[key], hr_affine, np.float32) for key in ("md", "fa", "colour_fa")},
         }
         if dt_std is not None:
             dt_std = np.asarray(dt_std, dtype=np.float32)
             dt_std[~mask_hr] = 0
-            images["dt_hr_std"] = _nifti(dt_std, hr_affine, np.float32)
+            # element standard deviations do not rotate: in the voxel frame, in the file's order
+            std_order = order or TENSOR_ORDERS[convention]
+            std_file = from_voxel_frame(dt_std, "dipy", hr_affine, std_order)
+            images["dt_hr_std"] = _nifti(std_file, hr_affine, np.float32)
             for key, value in sampled_map_std(dt_hr, dt_std, mask_hr).items():
                 images[key] = _nifti(value, hr_affine, np.float32)
         record = {
             "tool": TOOL,
             "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "repair_tensors": self.repair_tensors,
+            "output_tensor_order": convention,
             **provenance,
         }
-        return write_outputs(Path(output_dir), images, record)
+        sidecars = image_sidecars(images, convention, sidecar or {}, order)
+        return write_outputs(Path(output_dir), images, record, sidecars, names, record_name)
+
+
+def image_sidecars(
+    images: dict[str, Any],
+    convention: str,
+    common: dict[str, Any],
+    order: tuple[str, ...] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The JSON sidecar of each image role: what it holds, its units, and ``common``."""
+    sidecars = {}
+    for role in images:
+        sidecar: dict[str, Any] = {"Description": DESCRIPTIONS[role]}
+        if role == "dt_hr":
+            sidecar |= tensor_sidecar(convention, order)
+        elif role == "dt_hr_std":  # per-element deviations, in the voxel frame (they do not rotate)
+            sidecar |= tensor_sidecar("dipy", order or TENSOR_ORDERS[convention])
+        elif role in UNITS:
+            sidecar["Units"] = UNITS[role]
+        sidecars[role] = {**sidecar, **common}
+    return sidecars

@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     hcp.add_argument(
         "--fit-method", default="WLS", help=f"DIPY TensorModel fit method: {', '.join(FIT_METHODS)}"
     )
+    hcp.add_argument(
+        "--lr-mask",
+        default="hr-blocks",
+        help="LR brain mask: hr-blocks (default, the paper's: half of the HR block in the HR "
+        "mask) or lr-data (DIPY median_otsu on the LR mean b0, as inference on a new scan)",
+    )
     hcp.add_argument("--workers", type=int, default=1, help="subjects processed in parallel")
     hcp.add_argument(
         "--fit-workers",
@@ -179,7 +185,9 @@ def _lesion(args: argparse.Namespace) -> mni152.Lesion | None:
 
 def _hcp(args: argparse.Namespace) -> int:
     # Every setting, subject id and --out is checked by preprocess_hcp before any data are read.
-    options = PreprocessingOptions(args.factor, args.bmax, args.b0_threshold, args.fit_method)
+    options = PreprocessingOptions(
+        args.factor, args.bmax, args.b0_threshold, args.fit_method, args.lr_mask
+    )
     summary = preprocess_hcp(
         args.hcp_root,
         args.out,

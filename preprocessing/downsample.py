@@ -1,4 +1,5 @@
-"""Block-wise downsampling of raw DWI volumes and brain masks (IQT's LR simulation).
+"""Block-wise downsampling of raw DWI volumes and brain masks (IQT's LR simulation), and the
+brain mask a scan draws from its own b0 (what inference does on a new scan).
 
 Volumes are first cropped to a multiple of the factor (trailing voxels dropped, see
 :func:`preprocessing.geometry.crop_to_multiple`); each LR voxel is then the mean of an
@@ -34,3 +35,16 @@ def downsample_mask(mask: np.ndarray, factor: int) -> np.ndarray:
     """LR mask (uint8): an LR voxel is inside when at least half of its HR block is."""
     fraction = block_mean(np.asarray(mask, dtype=bool).astype(np.float32), factor)
     return (fraction >= 0.5).astype(np.uint8)
+
+
+#: DIPY ``median_otsu`` settings of a brain mask drawn from the data: inference on a new scan and
+#: ``preprocessing hcp --lr-mask lr-data`` use the same ones.
+MEDIAN_OTSU_SETTINGS = {"median_radius": 2, "numpass": 1}
+
+
+def data_brain_mask(mean_b0: np.ndarray) -> np.ndarray:
+    """Brain mask (bool) of a scan from its mean b0 volume with DIPY's ``median_otsu``."""
+    from dipy.segment.mask import median_otsu
+
+    _, mask = median_otsu(np.asarray(mean_b0, dtype=np.float32), **MEDIAN_OTSU_SETTINGS)
+    return np.asarray(mask, dtype=bool)

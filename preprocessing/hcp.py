@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocessing.downsample import block_mean, crop_volume, downsample_mask
+from preprocessing.downsample import block_mean, crop_volume, data_brain_mask, downsample_mask
 from preprocessing.geometry import crop_to_multiple, lr_affine_from_hr
 from preprocessing.gradients import read_gradient_table
 from preprocessing.io import (
@@ -105,7 +105,13 @@ RECORDED_SETTINGS = (
     ("bmax", "--bmax"),
     ("b0_threshold", "--b0-threshold"),
     ("fit_method", "--fit-method"),
+    ("lr_mask", "--lr-mask"),
 )
+
+#: How the LR brain mask is made (``--lr-mask``): ``hr-blocks``, the paper's (an LR voxel is
+#: brain when half its HR block is in the HR mask), or ``lr-data``, DIPY's median_otsu on the LR
+#: mean b0 as inference does on a new scan (no knowledge of the HR mask).
+LR_MASKS = ("hr-blocks", "lr-data")
 
 #: Bytes of DIPY working memory per fitted voxel and volume and fitting thread (float64 signal,
 #: weighted design matrix, its pinv and SVD factors), for the memory check before reading.
@@ -120,11 +126,14 @@ class PreprocessingOptions:
     bmax: float = DEFAULT_BMAX
     b0_threshold: float = B0_THRESHOLD
     fit_method: str = "WLS"
+    lr_mask: str = "hr-blocks"
 
     def checked(self) -> PreprocessingOptions:
         """These options with the fit method checked against DIPY's (upper case); InputError."""
         if int(self.factor) != self.factor or self.factor < 1:
             raise InputError(f"--factor must be a whole number >= 1, got {self.factor}.")
+        if self.lr_mask not in LR_MASKS:
+            raise InputError(f"--lr-mask {self.lr_mask!r} is not one of {', '.join(LR_MASKS)}.")
         return dataclasses.replace(self, fit_method=check_fit_method(self.fit_method))
 
 
@@ -339,7 +348,16 @@ def _make_subject(
     bvals = inputs.bvals[inputs.selected]
     bvecs = inputs.bvecs[inputs.selected]
     mask_hr = crop_volume(inputs.mask, factor)
-    mask_lr = downsample_mask(inputs.mask, factor).astype(bool)
+    if options.lr_mask == "lr-data":  # from the LR scan alone, as inference on a new scan
+        is_b0 = inputs.bvals[inputs.selected] < options.b0_threshold
+        mask_lr = data_brain_mask(dwi_lr[..., is_b0].mean(axis=-1))
+        if not mask_lr.any():
+            raise InputError(
+                f"{inputs.data_path}: median_otsu finds no brain in the LR mean b0 "
+                "(--lr-mask lr-data); use --lr-mask hr-blocks."
+            )
+    else:
+        mask_lr = downsample_mask(inputs.mask, factor).astype(bool)
 
     fit = {"b0_threshold": options.b0_threshold, "fit_method": options.fit_method}
     dt_lr = fit_dti(dwi_lr, bvals, bvecs, mask_lr, workers=fit_workers, **fit)
@@ -438,7 +456,13 @@ def check_recorded_settings(out_subject_dir: Path, options: PreprocessingOptions
     differences = []
     for key, flag in RECORDED_SETTINGS:
         old, new = recorded.get(key), wanted[key]
-        same = str(old).upper() == str(new).upper() if key == "fit_method" else _equal(old, new)
+        if key == "lr_mask":
+            old = old or "hr-blocks"  # records from before --lr-mask existed
+            same = old == new
+        elif key == "fit_method":
+            same = str(old).upper() == str(new).upper()
+        else:
+            same = _equal(old, new)
         if not same:
             differences.append(f"{flag} {old} (this run: {new})")
     if differences:

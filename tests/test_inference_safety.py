@@ -24,6 +24,7 @@ from monai_iqt.inferers import repeat_blocks
 from monai_iqt.inputs import TENSOR_ORDERS, inference_region
 from preprocessing.geometry import hr_affine_from_lr
 from preprocessing.io import TENSOR_ELEMENTS, InputError, save_nifti
+from preprocessing.tensor_conventions import to_voxel_frame
 
 REPO = Path(__file__).resolve().parents[1]
 INFERENCE_CONFIG = REPO / "bundles" / "iqt_espcn_rn" / "configs" / "inference.json"
@@ -149,11 +150,14 @@ def test_non_positive_definite_tensors_are_counted_and_repaired(tmp_path, models
 
 
 @pytest.mark.parametrize("order", ["fsl", "mrtrix"])
-def test_tensor_order_converts_to_dipy_order(tmp_path, models, order):
+def test_tensor_order_converts_to_dipy_order_and_back(tmp_path, models, order):
     dt, _ = brain_tensors(seed=4)
     save_nifti(tmp_path / "dipy.nii.gz", dt, AFFINE)
     columns = [TENSOR_ELEMENTS.index(name) for name in TENSOR_ORDERS[order]]
-    save_nifti(tmp_path / f"{order}.nii.gz", dt[..., columns], AFFINE)
+    in_frame = dt.copy()
+    if order == "fsl":  # a RAS-stored image: FSL's bvec frame negates x, so Dxy and Dxz flip
+        in_frame[..., [1, 3]] *= -1
+    save_nifti(tmp_path / f"{order}.nii.gz", in_frame[..., columns], AFFINE)
     assert TENSOR_ORDERS["fsl"][:3] == ("Dxx", "Dxy", "Dxz")  # dtifit: xx,xy,xz,yy,yz,zz
     assert TENSOR_ORDERS["mrtrix"][:3] == ("Dxx", "Dyy", "Dzz")  # dwi2tensor: xx,yy,zz,xy,xz,yz
     run_inference(tmp_path / "dipy.nii.gz", tmp_path / "a", *models, device="cpu")
@@ -161,8 +165,8 @@ def test_tensor_order_converts_to_dipy_order(tmp_path, models, order):
         tmp_path / f"{order}.nii.gz", tmp_path / "b", *models, device="cpu", tensor_order=order
     )
     a = np.asarray(nib.load(tmp_path / "a" / "dt_hr.nii.gz").dataobj)
-    b = np.asarray(nib.load(tmp_path / "b" / "dt_hr.nii.gz").dataobj)
-    np.testing.assert_array_equal(a, b)
+    b = nib.load(tmp_path / "b" / "dt_hr.nii.gz")  # written back in the input's convention
+    np.testing.assert_array_equal(a, to_voxel_frame(np.asarray(b.dataobj), order, b.affine))
     # read as DIPY order, the FSL/MRtrix file is a different (wrong) tensor
     assert not np.allclose(dt, dt[..., columns])
 
@@ -189,7 +193,9 @@ def test_dipy_real_dwis_give_finite_maps_twice_the_size(tmp_path, models, name, 
         shutil.copy(DIPY_FILES / suffix, tmp_path / suffix)
     image = nib.load(tmp_path / name)
     with caplog.at_level(logging.INFO, logger="monai_iqt.inputs"):
-        written = run_inference(tmp_path / name, tmp_path / "out", *models, device="cpu")
+        written = run_inference(
+            tmp_path / name, tmp_path / "out", *models, device="cpu", voxel_size_mismatch="allow"
+        )
     assert "median_otsu" in caplog.text  # no mask given or found: DIPY's brain mask
     paths = written[stem]
     for key in ("dt_hr", "md", "fa", "colour_fa", "mask_hr"):
