@@ -481,7 +481,7 @@ def _training_times(cell_dir: Path, training_seconds: float) -> dict[str, float]
             if part in times:
                 times[part] += float(seconds)
     times["setup"] = max(0.0, training_seconds - sum(times.values()))
-    return {part: round(value, 1) for part, value in times.items()}
+    return {part: round(value, 3) for part, value in times.items()}
 
 
 def _cell_means(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -729,7 +729,7 @@ def _run_cell(plan: StudyPlan, cell: Cell, record: dict[str, Any] | None) -> dic
     record["evaluation"] = {
         "settings": plan.evaluation,
         "rows": rows,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(time.perf_counter() - start, 3),
     }
     write_json(cell_dir / CELL_RECORD, {k: v for k, v in record.items() if k != "skipped"})
     return record
