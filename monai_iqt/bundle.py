@@ -743,39 +743,6 @@ def run_inference(
     )
 
 
-def _predict_all(
-    plan: InferencePlan,
-    network: Any,
-    inferer: Any,
-    writer: Any,
-    model_path: Any,
-    normalisation_path: Any,
-    device: Any = None,
-    mc_samples: int = 1,
-    seed: int = 0,
-    tensor_order: str = "dipy",
-    output_tensor_order: Any = None,
-) -> dict[str, dict[str, Path]]:
-    """The config's network (weights loaded) and halo-exact inferer over every loaded input."""
-    inferers, _, _, weights = _inference_api()
-    stats = weights.read_stats(normalisation_path)
-    network_halo = inferers.network_halo(network)
-    inferer.roi_size = inferers.bundle_window(inferer.roi_size, network_halo)
-    volume_inferer = inferers.WholeBrainInferer(
-        network,
-        stats,
-        upscale_factor=int(stats.extra.get("upscale_factor", 2)),
-        device=device,
-        inferer=inferer,
-        mc_samples=mc_samples,
-        seed=seed,
-    )
-    provenance = _provenance(model_path, stats)
-    return predict_and_write(
-        volume_inferer, writer, plan, provenance, tensor_order, output_tensor_order
-    )
-
-
 @exit_on_bad_input
 def inference(
     input: Any,
@@ -807,7 +774,7 @@ def inference(
         normalisation_path,
         voxel_size_mismatch,
     )
-    return _predict_all(
+    return InferenceEvaluator(
         plan,
         network,
         inferer,
@@ -819,7 +786,7 @@ def inference(
         seed,
         tensor_order,
         output_tensor_order,
-    )
+    ).run()
 
 
 class InferenceEvaluator:
@@ -861,16 +828,25 @@ class InferenceEvaluator:
     @exit_on_bad_input
     def run(self) -> dict[str, dict[str, Path]]:
         """The bundle's ``run``: bad input is one sentence and exit 2."""
-        return _predict_all(
-            self.dataset,
+        inferers, _, _, weights = _inference_api()
+        stats = weights.read_stats(self.normalisation_path)
+        network_halo = inferers.network_halo(self.network)
+        self.inferer.roi_size = inferers.bundle_window(self.inferer.roi_size, network_halo)
+        volume_inferer = inferers.WholeBrainInferer(
             self.network,
-            self.inferer,
+            stats,
+            upscale_factor=int(stats.extra.get("upscale_factor", 2)),
+            device=self.device,
+            inferer=self.inferer,
+            mc_samples=self.mc_samples,
+            seed=self.seed,
+        )
+        provenance = _provenance(self.model_path, stats)
+        return predict_and_write(
+            volume_inferer,
             self.postprocessing,
-            self.model_path,
-            self.normalisation_path,
-            self.device,
-            self.mc_samples,
-            self.seed,
+            self.dataset,
+            provenance,
             self.tensor_order,
             self.output_tensor_order,
         )
