@@ -451,6 +451,7 @@ def prepare_inference(
     sentence in ``failures`` while the others go on, unless none can be used.
     """
     from monai_iqt import bids
+    from preprocessing import layout
 
     _, inputs, outputs, weights = _inference_api()
     load = load or LoadInferenceInput(tensor_order)
@@ -476,7 +477,7 @@ def prepare_inference(
     if source.is_dir() and bids.dataset_root(source) is not None:
         return _prepare_bids(source, output_dir, load, check_resolution)
     if source.is_dir():
-        folders = inputs.discover_inputs(source)
+        folders = layout.subject_folders(source, (layout.DT_LR,))
         if not folders:
             raise InputError(
                 f"{source} holds no subject folder with a dt_lr.nii.gz and is not a BIDS dataset "

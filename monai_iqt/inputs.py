@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from preprocessing import io, layout
-from preprocessing.downsample import data_brain_mask
+from preprocessing.brain_mask import data_brain_mask
 from preprocessing.geometry import voxel_sizes
 from preprocessing.gradients import read_gradient_table
 from preprocessing.io import InputError, load_nifti, read_nifti
@@ -242,11 +242,6 @@ def load_input(
     del dwi
     check_units(tensor, mask_lr, path)
     return InferenceInput(name, tensor, image.affine, mask_lr, path, mask_source)
-
-
-def discover_inputs(folder: Path) -> list[Path]:
-    """Subject folders holding ``dt_lr.nii.gz`` (the preprocessed layout), sorted."""
-    return sorted(p.parent for p in folder.glob(f"*/{layout.DT_LR}"))
 
 
 def _mm(sizes) -> str:

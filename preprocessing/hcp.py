@@ -36,8 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocessing.downsample import block_mean, crop_volume, data_brain_mask, downsample_mask
-from preprocessing.geometry import crop_to_multiple, lr_affine_from_hr
+from preprocessing.brain_mask import data_brain_mask
+from preprocessing.geometry import (
+    block_mean,
+    crop_to_multiple,
+    crop_volume,
+    downsample_mask,
+    lr_affine_from_hr,
+)
 from preprocessing.gradients import read_gradient_table
 from preprocessing.io import (
     TENSOR_ELEMENTS,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,17 +111,21 @@ def find_subjects(
                     f"{dataset_dir} (no {', '.join(missing)})."
                 )
         return folders
-    folders = sorted(
-        p.parent
-        for p in dataset_dir.glob(f"*/{RECORD_NAME}")
-        if all((p.parent / n).is_file() for n in require)
-    )
+    folders = subject_folders(dataset_dir, (RECORD_NAME, *require))
     if not folders:
         raise InputError(
             f"{dataset_dir} holds no preprocessed subject (no <subject>/{RECORD_NAME}): "
             f"{PREPROCESS_HINT}."
         )
     return folders
+
+
+def subject_folders(dataset_dir: str | os.PathLike, require: Sequence[str]) -> list[Path]:
+    """Sub-folders of ``dataset_dir`` holding every file named in ``require``, sorted: the one
+    way a dataset's subjects are listed (preprocessed ones, or new scans' ``dt_lr`` folders)."""
+    first, *rest = require
+    found = Path(dataset_dir).glob(f"*/{first}")
+    return sorted(p.parent for p in found if all((p.parent / n).is_file() for n in rest))
 
 
 def holds_preprocessed_data(folder: str | os.PathLike) -> bool:

@@ -1,4 +1,5 @@
-"""Geometry of the LR/HR pairs: block means, cropping, masks and affines, from the written files."""
+"""Geometry of the LR/HR pairs as preprocessing writes them: cropping, masks and affines of the
+written files (the grid functions themselves are tested in ``test_geometry.py``)."""
 
 from __future__ import annotations
 
@@ -11,50 +12,9 @@ import pytest
 from dipy.core.gradients import gradient_table
 from dipy.reconst.dti import TensorModel
 
-from preprocessing.downsample import block_mean, downsample_mask
+from preprocessing.geometry import block_mean
 from preprocessing.hcp import PreprocessingOptions, preprocess_subject
 from preprocessing.synthetic import write_synthetic_subject
-
-
-def test_block_mean_matches_hand_computed_array():
-    volume = np.arange(4 * 4 * 2, dtype=np.float32).reshape(4, 4, 2)
-    # Block (0,0,0) holds x in {0,1}, y in {0,1}, z in {0,1}: values 8x + 2y + z.
-    expected = np.array(
-        [
-            [[np.mean([0, 1, 2, 3, 8, 9, 10, 11])], [np.mean([4, 5, 6, 7, 12, 13, 14, 15])]],
-            [
-                [np.mean([16, 17, 18, 19, 24, 25, 26, 27])],
-                [np.mean([20, 21, 22, 23, 28, 29, 30, 31])],
-            ],
-        ]
-    )
-    np.testing.assert_array_equal(block_mean(volume, 2), expected)
-
-
-def test_block_mean_of_odd_volume_drops_trailing_voxels():
-    rng = np.random.default_rng(0)
-    volume = rng.random((5, 7, 3, 2)).astype(np.float32)
-    result = block_mean(volume, 2)
-    assert result.shape == (2, 3, 1, 2)
-    for i, j, k in itertools.product(range(2), range(3), range(1)):
-        block = volume[2 * i : 2 * i + 2, 2 * j : 2 * j + 2, 2 * k : 2 * k + 2]
-        np.testing.assert_allclose(result[i, j, k], block.mean(axis=(0, 1, 2)), rtol=1e-6)
-
-
-def test_block_mean_factor_three():
-    volume = np.zeros((6, 3, 3), dtype=np.float32)
-    volume[3:] = 27.0
-    np.testing.assert_array_equal(block_mean(volume, 3)[:, 0, 0], [0.0, 27.0])
-
-
-def test_lr_mask_is_at_least_half_of_the_block():
-    mask = np.zeros((4, 2, 2), dtype=np.uint8)
-    mask[0:2].reshape(-1)[:4] = 1  # block 0: exactly 4 of 8 voxels
-    mask[2:4].reshape(-1)[:3] = 1  # block 1: 3 of 8 voxels
-    assert mask[0:2].sum() == 4 and mask[2:4].sum() == 3
-    lr = downsample_mask(mask, 2)
-    assert lr.dtype == np.uint8
-    np.testing.assert_array_equal(lr[:, 0, 0], [1, 0])
 
 
 def _voxel_centres(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

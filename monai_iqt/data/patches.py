@@ -32,6 +32,7 @@ from monai_iqt.bundle import input_error_cause
 from monai_iqt.data.normalise import NormalisationStats
 from monai_iqt.data.subjects import SubjectHeader, inspect_subject, load_subject
 from monai_iqt.networks.espcn import VALID_SHRINK
+from preprocessing.geometry import hr_block
 from preprocessing.io import TENSOR_ELEMENTS, InputError
 from preprocessing.layout import check_subject_ids, find_subjects
 
@@ -111,12 +112,11 @@ class ExtractPatchPair(Transform):
         self.target_region = target_region
 
     def _hr_block(self, location: PatchLocation) -> tuple[slice, slice, slice]:
-        """The HR target block of a patch: ``r (n - 4)`` voxels from HR index ``r (s + 2)``."""
+        """The HR target block of a patch: the HR block of its valid core, the LR cube of side
+        ``n - 4`` at ``s + 2``."""
         r = self.volumes[location.subject]["upscale_factor"]
-        m = hr_patch_size(self.lr_patch_size, r)
-        return tuple(
-            slice(r * (s + VALID_SHRINK), r * (s + VALID_SHRINK) + m) for s in location.start
-        )
+        core = [s + VALID_SHRINK for s in location.start]
+        return hr_block(core, self.lr_patch_size - 2 * VALID_SHRINK, r)
 
     def crop(self, location: PatchLocation) -> tuple[torch.Tensor, torch.Tensor]:
         volume = self.volumes[location.subject]
