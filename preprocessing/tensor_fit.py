@@ -56,8 +56,8 @@ def reuse_freed_memory() -> None:
     """Let glibc's malloc reuse freed memory for the fit's per-chunk temporaries (Linux only).
 
     By default every temporary of a few MB is mapped, zeroed by the kernel and unmapped again;
-    with two fitting threads that cost as much system time as the fit itself (measured: 1.5-2.3 s
-    system for 2.3 s user on 120k voxels; 0.05-0.1 s with these settings). Process-wide, once.
+    with two fitting threads that system time rivals the fit itself (``python -m
+    preprocessing.benchmark`` measures the whole preprocessing). Process-wide, once.
     """
     global _malloc_tuned
     if _malloc_tuned or not sys.platform.startswith("linux"):

@@ -20,18 +20,17 @@ recomputation outside the blocks.
 Accuracy: the ESPCN's ReLU outputs entering a stack are sparse (some channels are >95 % exact
 zeros at initialisation), and train-mode BatchNorm divides such near-constant channels by their
 tiny batch standard deviation, so rounding in a rebuilt x_b near the stack input is amplified.
-Measured at N=4, batch 12 (float32 gradients vs a float64 reference): rebuilding everything
-gives 4.7x the plain float32 error; keeping the exact x_b of the second block (half a stack
-width, 2.8 MB per step at batch 12 over the three stacks, independent of N) brings it to 0.9x.
+Keeping the exact x_b of the second block (half a stack width per stack, independent of N)
+brings the gradient error back to plain autograd's (the bundle's ``docs/performance.md`` gives
+the measured errors).
 
 Mixed precision: forward records the autocast state (device types "cpu" and "cuda": enabled,
 dtype, cache) and backward rebuilds under the same state, as ``torch.utils.checkpoint`` does, so
 each F and G is recomputed in the precision forward used. The residual stream (the halves, the
 stored Y, the reconstruction x_b = y_b - G(z), x_a = z - F(x_b)) keeps the dtype of the segment
 input, float32 under autocast, even where F and G return bfloat16 or float16: a stream rounded
-to 8 mantissa bits would make the inverse drift. Measured (ESPCN-RN4, batch 4, CPU bfloat16,
-``tests/test_amp.py``): gradient error against float32 6.8 % vs plain autograd's 6.7 % in
-train mode, 1.45 % vs 1.42 % in eval mode.
+to 8 mantissa bits would make the inverse drift (``tests/test_amp.py`` compares the gradient
+error with plain autograd's under CPU bfloat16; ``docs/performance.md`` gives the figures).
 
 Dropout: the masks F, G and the stack input drew in forward are replayed in backward. Forward
 saves the random state once per segment (``torch.get_rng_state``, plus the CUDA state for CUDA
