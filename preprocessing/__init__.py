@@ -26,7 +26,7 @@ _LAZY = {
     "count_non_positive_definite": "preprocessing.tensor_fit",
     "block_mean": "preprocessing.downsample",
     "downsample_mask": "preprocessing.downsample",
-    "PreprocessingOptions": "preprocessing.hcp",
+    "PreprocessingOptions": "preprocessing.hcp_settings",
     "RunSummary": "preprocessing.hcp",
     "preprocess_subject": "preprocessing.hcp",
     "preprocess_hcp": "preprocessing.hcp",

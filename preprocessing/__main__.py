@@ -11,7 +11,8 @@ import logging
 import sys
 
 from preprocessing import cli, mni152
-from preprocessing.hcp import PreprocessingOptions, preprocess_hcp
+from preprocessing.hcp import preprocess_hcp
+from preprocessing.hcp_settings import PreprocessingOptions
 from preprocessing.io import InputError
 from preprocessing.synthetic import DEFAULT_SHAPE, VOXEL_SIZE_MM, write_synthetic_subjects
 from preprocessing.tensor_fit import B0_THRESHOLD, DEFAULT_BMAX, FIT_METHODS
