@@ -110,6 +110,12 @@ class RMSEAndNLLLoss(nn.Module):
         return self.rmse(mean, target) + self.nll(torch.cat((mean.detach(), log_var), 1), target)
 
 
+def detached_variance(name: str) -> bool:
+    """Whether the loss ``name`` trains the log-variance head on detached features (the
+    network's ``detach_variance``): ``rmse_nll`` does, so the shared layers follow the mean."""
+    return name == "rmse_nll"
+
+
 def build_loss(name: str) -> nn.Module:
     """The training loss called ``name``: "rmse", "gaussian_nll" or "rmse_nll"."""
     if name == "rmse":
