@@ -1,16 +1,19 @@
-"""Training losses: RMSE (the paper's) and the Gaussian negative log-likelihood of a network that
-also predicts a per-voxel log-variance (Tanno et al. 2017, heteroscedastic intrinsic uncertainty).
+"""Training losses and the NaN-target masking they share: RMSE (the paper's) and the Gaussian
+negative log-likelihood of a network that also predicts a per-voxel log-variance (Tanno et al.
+2017, heteroscedastic intrinsic uncertainty).
 
 ``gaussian_nll`` trains mean and log-variance together; its residuals are weighted by
 ``exp(-log_var)``, so the mean fits least where the error is largest (the brain's edge), which
 costs total RMSE. ``rmse_nll`` keeps the mean on the paper's RMSE and trains the log-variance by
 the likelihood of the detached mean's residual; the bundle trains it with the network's
 ``detach_variance``, so the likelihood trains the log-variance head alone and the shared layers
-follow the mean's RMSE only (sharing them cost 11 % total RMSE at the demo's budget).
+follow the mean's RMSE only (what sharing them costs is measured in the bundle's
+``docs/uncertainty.md``).
 
 Predictions are (B, C, ...) means or (B, 2C, ...) [mean, log_var] (see
 :func:`monai_iqt.networks.split_mean_log_var`); targets are (B, C, ...), in normalised units,
 NaN where there is no target (``target_region="brain"``): every loss averages over the others.
+This module imports nothing from :mod:`monai_iqt.training`, which uses it (settings, metrics).
 """
 
 from __future__ import annotations
@@ -19,9 +22,27 @@ import torch
 from torch import nn
 
 from monai_iqt.networks.espcn import split_mean_log_var
-from monai_iqt.training.handlers import RMSELoss
 
 LOSSES = ("rmse", "gaussian_nll", "rmse_nll")
+
+
+def scored(prediction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The elements of ``prediction`` and ``target`` that have a target: NaN targets mark voxels
+    left out (``target_region="brain"``), so every loss and metric skips them."""
+    if prediction.shape != target.shape:
+        raise ValueError(
+            f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape"
+        )
+    has_target = ~torch.isnan(target)
+    return prediction[has_target], target[has_target]
+
+
+class RMSELoss(torch.nn.Module):
+    """Root-mean-squared error over every scored element of the batch (the paper's training loss;
+    NaN targets are skipped, see :func:`scored`)."""
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(torch.nn.functional.mse_loss(*scored(prediction, target)))
 
 
 def _mean_and_log_var(
@@ -87,6 +108,12 @@ class RMSEAndNLLLoss(nn.Module):
         if log_var is None:
             return self.nll(pred, target)  # the same one-sentence error
         return self.rmse(mean, target) + self.nll(torch.cat((mean.detach(), log_var), 1), target)
+
+
+def detached_variance(name: str) -> bool:
+    """Whether the loss ``name`` trains the log-variance head on detached features (the
+    network's ``detach_variance``): ``rmse_nll`` does, so the shared layers follow the mean."""
+    return name == "rmse_nll"
 
 
 def build_loss(name: str) -> nn.Module:

@@ -10,8 +10,9 @@ import argparse
 import logging
 import sys
 
-from preprocessing import cli, mni152
-from preprocessing.hcp import PreprocessingOptions, preprocess_hcp
+from preprocessing import cli, mni152, mni152_anatomy
+from preprocessing.hcp import preprocess_hcp
+from preprocessing.hcp_settings import PreprocessingOptions
 from preprocessing.io import InputError
 from preprocessing.synthetic import DEFAULT_SHAPE, VOXEL_SIZE_MM, write_synthetic_subjects
 from preprocessing.tensor_fit import B0_THRESHOLD, DEFAULT_BMAX, FIT_METHODS
@@ -159,7 +160,7 @@ def _synthetic(args: argparse.Namespace) -> int:
             )
         voxel_size = VOXEL_SIZE_MM if args.voxel_size is None else args.voxel_size
         grid = mni152.hcp_grid(voxel_size, args.slab)
-        mni152.check_nilearn()
+        mni152_anatomy.check_nilearn()
         paths = mni152.write_mni152_subjects(
             args.out, args.count, args.seed, grid, args.snr, lesion, start=args.start
         )

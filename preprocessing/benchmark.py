@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from preprocessing import cli
-from preprocessing.hcp import DIFFUSION_SUBDIR
+from preprocessing.hcp_inputs import DIFFUSION_SUBDIR
 from preprocessing.layout import RECORD_NAME
 from preprocessing.synthetic import HCP_SHAPE, write_synthetic_subject
 from preprocessing.tensor_fit import default_fit_workers

@@ -5,6 +5,8 @@ b <= bmax from ``data.nii.gz`` one at a time through nibabel's dataobj, crop to 
 the factor, block-average the raw DWI, fit DTI (DIPY TensorModel, WLS) at both resolutions
 inside the masks, write ``dt_hr, dt_lr, mask_hr, mask_lr`` atomically, then
 ``preprocessing.json`` last: a subject with that record is complete (``preprocessing.layout``).
+Finding and checking a subject's inputs is ``preprocessing.hcp_inputs``; the options and the
+check of the settings complete subjects recorded is ``preprocessing.hcp_settings``.
 
 Tensors are expressed in the image's voxel axes: the FSL ``bvecs`` are converted to that frame
 from the image's affine (``preprocessing.gradients``), so Dxy and Dxz have the signs of the
@@ -19,8 +21,6 @@ ended processes are cleared.
 
 from __future__ import annotations
 
-import dataclasses
-import errno
 import fcntl
 import importlib.metadata
 import logging
@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+<<<<<<< HEAD
 from preprocessing.brain_mask import data_brain_mask
 from preprocessing.geometry import (
     block_mean,
@@ -44,18 +45,30 @@ from preprocessing.geometry import (
     downsample_mask,
     lr_affine_from_hr,
 )
+=======
+from preprocessing.downsample import crop_volume, data_brain_mask, downsample_mask
+from preprocessing.geometry import lr_affine_from_hr
+>>>>>>> lay-train
 from preprocessing.gradients import read_gradient_table
+from preprocessing.hcp_inputs import (
+    DIFFUSION_SUBDIR,
+    SubjectInputs,
+    find_hcp_subjects,
+    load_subject_inputs,
+    read_selected_volumes,
+)
+from preprocessing.hcp_settings import (
+    PreprocessingOptions,
+    check_dataset_settings,
+    check_recorded_settings,
+)
 from preprocessing.io import (
     TENSOR_ELEMENTS,
     InputError,
-    check_fits_in_memory,
     check_writable_folder,
     describe_os_error,
-    load_nifti,
-    read_nifti,
     remove_stale_temporaries,
     save_nifti,
-    stack_volumes,
     write_json,
 )
 from preprocessing.layout import (
@@ -67,13 +80,8 @@ from preprocessing.layout import (
     RECORD_NAME,
     check_subject_ids,
     is_complete,
-    read_record,
 )
 from preprocessing.tensor_fit import (
-    B0_THRESHOLD,
-    CHUNK_VOXELS,
-    DEFAULT_BMAX,
-    check_fit_method,
     count_non_positive_definite,
     default_fit_workers,
     fit_dti,
@@ -81,7 +89,8 @@ from preprocessing.tensor_fit import (
 
 log = logging.getLogger(__name__)
 
-# Names other modules take from here (the layout's names live in preprocessing.layout).
+# Names other modules take from here (the layout's names live in preprocessing.layout, the
+# inputs' in preprocessing.hcp_inputs, the options' in preprocessing.hcp_settings).
 __all__ = [
     "DIFFUSION_SUBDIR",
     "OUTPUT_NAMES",
@@ -96,69 +105,6 @@ __all__ = [
     "subject_lock",
 ]
 
-DIFFUSION_SUBDIR = Path("T1w") / "Diffusion"
-DATA_NAME, BVALS_NAME, BVECS_NAME, MASK_NAME = (
-    "data.nii.gz",
-    "bvals",
-    "bvecs",
-    "nodif_brain_mask.nii.gz",
-)
-
-#: Settings a preprocessed subject records; a dataset holds one value of each.
-#: (option field, command-line flag)
-RECORDED_SETTINGS = (
-    ("factor", "--factor"),
-    ("bmax", "--bmax"),
-    ("b0_threshold", "--b0-threshold"),
-    ("fit_method", "--fit-method"),
-    ("lr_mask", "--lr-mask"),
-)
-
-#: How the LR brain mask is made (``--lr-mask``): ``hr-blocks``, the paper's (an LR voxel is
-#: brain when half its HR block is in the HR mask), or ``lr-data``, DIPY's median_otsu on the LR
-#: mean b0 as inference does on a new scan (no knowledge of the HR mask).
-LR_MASKS = ("hr-blocks", "lr-data")
-
-#: Bytes of DIPY working memory per fitted voxel and volume and fitting thread (float64 signal,
-#: weighted design matrix, its pinv and SVD factors), for the memory check before reading.
-FIT_BYTES_PER_VOXEL_VOLUME = 8 * 24
-
-
-@dataclass(frozen=True)
-class PreprocessingOptions:
-    """Settings of the DIPY stage (defaults follow the paper: r=2, b0 + b=1000 shell, WLS)."""
-
-    factor: int = 2
-    bmax: float = DEFAULT_BMAX
-    b0_threshold: float = B0_THRESHOLD
-    fit_method: str = "WLS"
-    lr_mask: str = "hr-blocks"
-
-    def checked(self) -> PreprocessingOptions:
-        """These options with the fit method checked against DIPY's (upper case); InputError."""
-        if int(self.factor) != self.factor or self.factor < 1:
-            raise InputError(f"--factor must be a whole number >= 1, got {self.factor}.")
-        if self.lr_mask not in LR_MASKS:
-            raise InputError(f"--lr-mask {self.lr_mask!r} is not one of {', '.join(LR_MASKS)}.")
-        return dataclasses.replace(self, fit_method=check_fit_method(self.fit_method))
-
-
-@dataclass
-class SubjectInputs:
-    """Validated inputs of one subject: file paths, header facts and the volumes to use."""
-
-    subject_id: str
-    data_path: Path
-    bvals_path: Path
-    bvecs_path: Path
-    mask_path: Path
-    data_shape: tuple[int, ...]
-    affine: np.ndarray
-    bvals: np.ndarray
-    bvecs: np.ndarray  # in the image's voxel frame (preprocessing.gradients)
-    selected: np.ndarray  # volume indices with b <= bmax (b0 included), increasing
-    mask: np.ndarray  # bool, full (uncropped) shape
-
 
 @dataclass
 class RunSummary:
@@ -167,148 +113,6 @@ class RunSummary:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
-
-
-# --- input checks -----------------------------------------------------------------------------
-
-
-def find_hcp_subjects(hcp_root: str | os.PathLike) -> list[str]:
-    """Subject ids under ``hcp_root``: its non-hidden sub-folders (and symlink loops, which then
-    fail with a sentence saying so), sorted."""
-    root = Path(hcp_root)
-    _require(root, "HCP root {path} does not exist or is not a folder.", folder=True)
-    return sorted(
-        p.name
-        for p in root.iterdir()
-        if not p.name.startswith(".") and (p.is_dir() or _is_symlink_loop(p))
-    )
-
-
-def load_subject_inputs(
-    subject_dir: str | os.PathLike,
-    options: PreprocessingOptions = PreprocessingOptions(),
-    fit_workers: int = 1,
-) -> SubjectInputs:
-    """Check one HCP subject folder and read its gradients and mask; raise InputError if bad.
-
-    Reads only headers, the text files and the mask, so it is cheap; a header claiming more
-    voxels than memory holds is refused here, before any volume is read. NaN/inf in the DWI are
-    caught later, while the selected volumes are read.
-    """
-    subject_dir = Path(subject_dir)
-    _require(
-        subject_dir,
-        f"Subject {subject_dir.name} not found: {{path}} does not exist.",
-        folder=True,
-    )
-    folder = subject_dir / DIFFUSION_SUBDIR
-    paths = [folder / name for name in (DATA_NAME, BVALS_NAME, BVECS_NAME, MASK_NAME)]
-    for path in paths:
-        _require(path, "{path} is missing.")
-    data_path, bvals_path, bvecs_path, mask_path = paths
-
-    data_image = load_nifti(data_path)
-    shape = tuple(int(n) for n in data_image.shape)
-    if len(shape) != 4:
-        raise InputError(
-            f"{data_path} is {len(shape)}D with shape {shape}, but a 4D diffusion series is needed."
-        )
-    volumes = shape[3]
-    bvals, bvecs = read_gradient_table(
-        bvals_path,
-        bvecs_path,
-        data_path,
-        volumes,
-        affine=data_image.affine,
-        b0_threshold=options.b0_threshold,
-        bmax=options.bmax,
-    )
-    selected = np.flatnonzero((bvals < options.b0_threshold) | (bvals <= options.bmax))
-    _check_memory(data_image, data_path, selected.size, options.factor, fit_workers)
-
-    mask_image = load_nifti(mask_path)
-    if tuple(mask_image.shape) != shape[:3]:
-        raise InputError(
-            f"{mask_path} has shape {tuple(mask_image.shape)} but {data_path.name} has spatial "
-            f"shape {shape[:3]}."
-        )
-    mask = read_nifti(mask_path)[0] > 0
-    cropped = crop_to_multiple(shape, options.factor)
-    if min(cropped) == 0:
-        raise InputError(
-            f"{data_path} has spatial shape {shape[:3]}, smaller than the factor {options.factor}."
-        )
-    if not crop_volume(mask, options.factor).any():
-        raise InputError(f"{mask_path} is empty (no brain voxel inside the cropped volume).")
-    if not downsample_mask(mask, options.factor).any():
-        raise InputError(
-            f"{mask_path} has no {options.factor}^3 block that is at least half brain, "
-            "so the LR mask would be empty."
-        )
-    return SubjectInputs(
-        subject_id=subject_dir.name,
-        data_path=data_path,
-        bvals_path=bvals_path,
-        bvecs_path=bvecs_path,
-        mask_path=mask_path,
-        data_shape=shape,
-        affine=data_image.affine,
-        bvals=bvals,
-        bvecs=bvecs,
-        selected=selected,
-        mask=mask,
-    )
-
-
-def _check_memory(image, path: Path, count: int, factor: int, fit_workers: int) -> None:
-    """Refuse before reading when the HR and LR DWI, tensors, mask and fit would not fit."""
-    voxels = float(np.prod(image.shape[:3], dtype=np.float64))
-    lr_share = 1 + 1 / factor**3
-    grids = voxels * lr_share * (6 * 4 + 1)  # float32 tensors and a bool mask, HR and LR
-    fitting = fit_workers * CHUNK_VOXELS * count * FIT_BYTES_PER_VOXEL_VOLUME
-    check_fits_in_memory(
-        image,
-        path,
-        volumes=count,
-        working_bytes=int(voxels * count * 4 / factor**3 + grids + fitting),
-    )
-
-
-def read_selected_volumes(inputs: SubjectInputs, factor: int) -> tuple[np.ndarray, np.ndarray]:
-    """HR (cropped) and LR (block-mean) DWI of the selected volumes, as (X, Y, Z, N) float32 views.
-
-    Volumes are read one by one, in file order (``preprocessing.io.stack_volumes``), so a
-    gzipped 288-volume series is decompressed once and never held whole in memory.
-    """
-    dwi_hr, dwi_lr = stack_volumes(
-        inputs.data_path,
-        inputs.selected,
-        [lambda volume: crop_volume(volume, factor), lambda volume: block_mean(volume, factor)],
-    )
-    # Volume-major storage: each volume is one contiguous write; the fit sees a transpose.
-    return dwi_hr.transpose(1, 2, 3, 0), dwi_lr.transpose(1, 2, 3, 0)
-
-
-def _require(path: Path, missing: str, folder: bool = False) -> None:
-    """One sentence when ``path`` is missing (``missing`` with {path}) or a symlink loop."""
-    try:
-        os.stat(path)
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise InputError(f"{path} is a symlink loop.") from error
-        raise InputError(missing.replace("{path}", str(path))) from error
-    if folder and not path.is_dir():
-        raise InputError(missing.replace("{path}", str(path)))
-    if not folder and not path.is_file():
-        raise InputError(missing.replace("{path}", str(path)))
-
-
-def _is_symlink_loop(path: Path) -> bool:
-    try:
-        os.stat(path)
-    except OSError as error:
-        return error.errno == errno.ELOOP
-    return False
 
 
 # --- one subject ------------------------------------------------------------------------------
@@ -454,37 +258,6 @@ def subject_lock(out_subject_dir: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)  # releases the lock
 
 
-def check_recorded_settings(out_subject_dir: Path, options: PreprocessingOptions) -> None:
-    """One sentence (InputError) when a complete subject was made with other settings."""
-    record = read_record(out_subject_dir)
-    recorded = record.get("options", {})
-    wanted = asdict(options)
-    differences = []
-    for key, flag in RECORDED_SETTINGS:
-        old, new = recorded.get(key), wanted[key]
-        if key == "lr_mask":
-            old = old or "hr-blocks"  # records from before --lr-mask existed
-            same = old == new
-        elif key == "fit_method":
-            same = str(old).upper() == str(new).upper()
-        else:
-            same = _equal(old, new)
-        if not same:
-            differences.append(f"{flag} {old} (this run: {new})")
-    if differences:
-        raise InputError(
-            f"{out_subject_dir / RECORD_NAME} records other settings than this run's, "
-            f"{', '.join(differences)}: use another --out, or --overwrite to redo the subject."
-        )
-
-
-def _equal(old, new) -> bool:
-    try:
-        return float(old) == float(new)
-    except (TypeError, ValueError):
-        return False
-
-
 # --- many subjects ----------------------------------------------------------------------------
 
 
@@ -523,7 +296,7 @@ def preprocess_hcp(
         raise InputError(
             f"--out {out} is the HCP root itself; write the preprocessed dataset to another folder."
         )
-    _check_dataset_settings(out, subject_ids, options, overwrite)
+    check_dataset_settings(out, subject_ids, options, overwrite)
     check_writable_folder(out, "--out")
     workers = min(workers, len(subject_ids))
     if fit_workers is None:
@@ -556,23 +329,6 @@ def preprocess_hcp(
                     bar.update()
     bar.close()
     return summary
-
-
-def _check_dataset_settings(
-    out: Path, subject_ids: list[str], options: PreprocessingOptions, overwrite: bool
-) -> None:
-    """Complete subjects this run keeps must carry this run's settings (one dataset, one setting).
-
-    With ``overwrite`` the listed subjects are redone, so only the others are compared.
-    """
-    try:
-        records = sorted(out.glob(f"*/{RECORD_NAME}"))
-    except OSError:  # an unusable --out is reported by the probe write
-        return
-    redone = set(subject_ids) if overwrite else set()
-    for record in records:
-        if record.parent.name not in redone:
-            check_recorded_settings(record.parent, options)
 
 
 def _run_one(subject_id, subject_dir, out_subject_dir, options, overwrite, fit_workers):

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from preprocessing.hcp import PreprocessingOptions, preprocess_hcp
+from preprocessing.hcp import preprocess_hcp
+from preprocessing.hcp_settings import PreprocessingOptions
 from preprocessing.synthetic import write_synthetic_subjects
 
 #: HR grid of the fixture subjects: LR is 12 x 14 x 12 at factor 2, so 11^3 LR patches fit.

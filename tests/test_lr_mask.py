@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from dipy.segment.mask import median_otsu
 
-from preprocessing.hcp import PreprocessingOptions, preprocess_subject
+from preprocessing.hcp import preprocess_subject
+from preprocessing.hcp_settings import PreprocessingOptions
 from preprocessing.io import InputError
 from preprocessing.synthetic import write_synthetic_subject
 

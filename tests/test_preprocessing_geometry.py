@@ -13,7 +13,8 @@ from dipy.core.gradients import gradient_table
 from dipy.reconst.dti import TensorModel
 
 from preprocessing.geometry import block_mean
-from preprocessing.hcp import PreprocessingOptions, preprocess_subject
+from preprocessing.hcp import preprocess_subject
+from preprocessing.hcp_settings import PreprocessingOptions
 from preprocessing.synthetic import write_synthetic_subject
 
 

@@ -13,7 +13,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from preprocessing.hcp import PreprocessingOptions, preprocess_hcp
+from preprocessing.hcp import preprocess_hcp
+from preprocessing.hcp_settings import PreprocessingOptions
 from preprocessing.layout import OUTPUT_NAMES, RECORD_NAME
 from preprocessing.synthetic import write_synthetic_subject
 

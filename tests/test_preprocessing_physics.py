@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from dipy.reconst.dti import decompose_tensor, from_lower_triangular
 
-from preprocessing.hcp import PreprocessingOptions, preprocess_subject
+from preprocessing.hcp import preprocess_subject
+from preprocessing.hcp_settings import PreprocessingOptions
 from preprocessing.synthetic import hcp_like_acquisition, write_synthetic_subject
 from preprocessing.tensor_fit import count_non_positive_definite, fit_dti
 

@@ -21,7 +21,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from preprocessing.hcp import DIFFUSION_SUBDIR, PreprocessingOptions, preprocess_hcp
+from preprocessing.hcp import preprocess_hcp
+from preprocessing.hcp_inputs import DIFFUSION_SUBDIR
+from preprocessing.hcp_settings import PreprocessingOptions
 from preprocessing.io import atomic_path, remove_stale_temporaries, write_text
 from preprocessing.layout import OUTPUT_NAMES, RECORD_NAME
 

@@ -178,3 +178,33 @@ def test_losses_and_validation_skip_voxels_without_target(name: str) -> None:
     has_target = brain.expand_as(target)
     torch.testing.assert_close(scored_label, target[has_target])
     torch.testing.assert_close(scored_pred, pred.detach()[:, :6][has_target])
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_config_decisions_choose_handlers_by_terminal_and_writer_rank(
+    terminal: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rules train.json delegates to ``monai_iqt.training.wiring``: writers only on the rank
+    writing files, the progress bar and per-iteration lines only on a terminal."""
+    from monai_iqt.losses import detached_variance
+    from monai_iqt.training import wiring
+
+    monkeypatch.setattr(wiring, "on_terminal", lambda: terminal)  # where wiring looks it up
+    sync, handlers, history, writers, bar = ["sync"], ["lr", "validation"], "history", ["w"], ["b"]
+    expected = ["sync", "lr", "validation", "history", "w"] + (["b"] if terminal else [])
+    assert wiring.trainer_handlers(sync, handlers, history, writers, bar, True) == expected
+    assert wiring.trainer_handlers(sync, handlers, history, writers, bar, False) == expected[:4]
+    assert wiring.evaluator_handlers(["e"], ["w"], True) == ["e", "w"]
+    assert wiring.evaluator_handlers(["e"], ["w"], False) == ["e"]
+    log_filter = wiring.stats_iteration_log(3)
+    if terminal:
+        assert [log_filter(None, i) for i in range(1, 7)] == [False, False, True] * 2
+    else:
+        assert log_filter is False
+    assert wiring.checked_subjects(None) is None
+    assert wiring.checked_subjects(["synth001", "synth000"]) == ["synth001", "synth000"]
+    assert [detached_variance(name) for name in ("rmse", "gaussian_nll", "rmse_nll")] == [
+        False,
+        False,
+        True,
+    ]

@@ -2,11 +2,13 @@
 
 The config holds the wiring (SupervisedTrainer, SupervisedEvaluator, handlers); this package holds
 what the wiring calls: the settings check, metric input, the NaN guard and history, atomic
-fixed-name checkpoints, the restarts runner, the export of the model and the torchrun helpers.
+fixed-name checkpoints, the restarts runner and its run records, the export of the model, the
+torchrun helpers and the decisions the configs delegate (``wiring``).
 """
 
 from monai_iqt.training.distributed import (
     BroadcastBuffers,
+    ddp_device_ids,
     destroy_process_group,
     init_process_group,
     is_writer,
@@ -21,7 +23,6 @@ from monai_iqt.training.handlers import (
     EpochTimes,
     FixedNameSaver,
     RandomStates,
-    RMSELoss,
     RunSummaryWriter,
     StopOnNonFiniteLoss,
     TrainingDiverged,
@@ -41,13 +42,19 @@ from monai_iqt.training.restarts import (
     validate_settings,
 )
 from monai_iqt.training.settings import check_settings, trained_on
+from monai_iqt.training.wiring import (
+    checked_subjects,
+    device_name,
+    evaluator_handlers,
+    stats_iteration_log,
+    trainer_handlers,
+)
 
 __all__ = [
     "EXIT_INTERRUPTED",
     "BroadcastBuffers",
     "EpochTimes",
     "FixedNameSaver",
-    "RMSELoss",
     "RandomStates",
     "RunSummaryWriter",
     "StopOnNonFiniteLoss",
@@ -56,7 +63,11 @@ __all__ = [
     "TrainingRun",
     "batch_loss",
     "check_settings",
+    "checked_subjects",
+    "ddp_device_ids",
     "destroy_process_group",
+    "device_name",
+    "evaluator_handlers",
     "every_n_iterations",
     "export_model",
     "export_models",
@@ -72,8 +83,10 @@ __all__ = [
     "rank",
     "save_atomically",
     "state_digest",
+    "stats_iteration_log",
     "train_with_restarts",
     "trained_on",
+    "trainer_handlers",
     "unwrap",
     "validate_settings",
     "world_size",

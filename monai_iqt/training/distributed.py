@@ -41,6 +41,11 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
+def ddp_device_ids(device: torch.device) -> list[torch.device] | None:
+    """``DistributedDataParallel``'s ``device_ids``: this process's GPU, or None on the CPU."""
+    return [device] if device.type == "cuda" else None
+
+
 def init_process_group() -> None:
     """Join the torchrun process group: NCCL with one GPU per local rank, gloo on CPU."""
     device = local_device()

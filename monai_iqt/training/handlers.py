@@ -24,28 +24,10 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers.checkpoint import BaseSaveHandler
 
+from monai_iqt.losses import scored
 from preprocessing.io import atomic_path
 
 log = logging.getLogger(__name__)
-
-
-def scored(prediction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The elements of ``prediction`` and ``target`` that have a target: NaN targets mark voxels
-    left out (``target_region="brain"``), so every loss and metric skips them."""
-    if prediction.shape != target.shape:
-        raise ValueError(
-            f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape"
-        )
-    has_target = ~torch.isnan(target)
-    return prediction[has_target], target[has_target]
-
-
-class RMSELoss(torch.nn.Module):
-    """Root-mean-squared error over every scored element of the batch (the paper's training loss;
-    NaN targets are skipped, see :func:`scored`)."""
-
-    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return torch.sqrt(torch.nn.functional.mse_loss(*scored(prediction, target)))
 
 
 def batch_loss(output: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -58,7 +40,7 @@ def flat_pred_label(output: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, t
     ``RootMeanSquaredError`` averages over every voxel and channel (it divides by the first
     dimension's length). A network predicting a variance returns the mean in its first channels
     and the log-variance after them: only the mean is scored. NaN labels (no target) are left
-    out (:func:`scored`)."""
+    out (:func:`monai_iqt.losses.scored`)."""
     label = output["label"]
     return scored(output["pred"][:, : label.shape[1]], label)
 

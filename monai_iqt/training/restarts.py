@@ -5,9 +5,8 @@ one set of components (network, optimizer, trainer, evaluator, ...) and :class:`
 returns them to their initial state before each run: the network's weights are those of a new
 network built by the config's ``network_factory`` under the run's seed (``seed + index``), so
 they are exactly what the network's own initialisation draws; every other component gets back
-the state it had before any
-training (the same ``state_dict`` mechanism that resumes from a checkpoint), and checkpoints and
-TensorBoard events go to ``runs/run_<index>/``.
+the state it had before any training (the same ``state_dict`` mechanism that resumes from a
+checkpoint), and checkpoints and TensorBoard events go to ``runs/run_<index>/``.
 
 Why reuse rather than rebuild: a bundle expression has no public handle on the ``ConfigParser``
 evaluating it (references resolve to instantiated objects, and a ``%`` macro's copy of the config
@@ -16,15 +15,15 @@ other means. Resetting the components through their public ``state_dict``/``load
 needs none, and the config stays the one place where the training is wired.
 
 After every run ``runs/runs.json`` is rewritten; at the end the best run's ``model_best.pt``
-becomes ``models/model.pt`` and ``models/normalisation.json`` (with the sha256 of model.pt).
+becomes ``models/model.pt`` and ``models/normalisation.json`` (with the sha256 of model.pt). What
+the records hold and how run folders are read back or cleared is :mod:`monai_iqt.training.runs`;
+this module is the loop, the per-run reset and Ctrl-C.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import math
 import signal
 import sys
 import threading
@@ -44,7 +43,6 @@ from monai_iqt.data.patches import PatchData, build_patch_data
 from monai_iqt.training.distributed import (
     is_writer,
     rank,
-    state_digest,
     synchronise,
     unwrap,
     world_size,
@@ -61,6 +59,17 @@ from monai_iqt.training.handlers import (
     negative_metric,
     on_terminal,
 )
+from monai_iqt.training.runs import (
+    best_record,
+    clear_run_dir,
+    clear_runs,
+    finished_record,
+    load_summary,
+    make_run_record,
+    normalisation_record,
+    resumable_checkpoints,
+    set_record,
+)
 from monai_iqt.training.settings import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
@@ -68,11 +77,10 @@ from monai_iqt.training.settings import (
     SETTINGS_FILE,
     check_settings,
     compare_settings,
-    existing_runs,
     load_settings,
     trained_on,
 )
-from preprocessing.io import InputError, remove_stale_temporaries, write_json
+from preprocessing.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -213,29 +221,6 @@ class TrainingRun:
         if self.nan_guard.error is not None:
             raise self.nan_guard.error
 
-    def record(self, status: str | None, seconds: float, resumed_from: str | None = None) -> dict:
-        state = self.trainer.state
-        best = self.history.best()
-        if status is None:
-            status = "finished" if state.epoch >= state.max_epochs else "stopped early"
-        return {
-            "index": self.index,
-            "seed": self.seed,
-            "status": status,
-            "epochs_completed": len(self.history.epochs),
-            "max_epochs": state.max_epochs,
-            "best_epoch": None if best is None else best["epoch"],
-            "best_val_rmse": None if best is None else best["val_rmse"],
-            "history": self.history.epochs,
-            "run_dir": str(self.run_dir),
-            "best_checkpoint": str(self.best_checkpoint),
-            "last_checkpoint": str(self.last_checkpoint),
-            "resumed_from": resumed_from,
-            "seconds": round(seconds, 2),
-            "epoch_seconds": self.epoch_times.totals(),
-            "weights_sha256": state_digest(self.network),
-        }
-
 
 def _set_sigint(handler: Any) -> Any:
     """Install a SIGINT handler (only the main thread may); returns the previous one."""
@@ -306,30 +291,30 @@ def train_with_restarts(
     checked = check_settings(settings)
     output_dir = Path(str(checked["output_dir"]))
     runs_dir = output_dir / "runs"
-    record = {**checked["record"], "normalisation": _statistics(patch_data)}
+    record = {**checked["record"], "normalisation": normalisation_record(patch_data)}
     if checked["resume"]:
         recorded = load_settings(runs_dir)
         if recorded is not None:
             compare_settings(recorded, {"normalisation": record["normalisation"]}, runs_dir)
     num_restarts = checked["num_restarts"]
-    summary = _load_summary(runs_dir) if checked["resume"] else {"runs": []}
-    checkpoints = _resumable_checkpoints(runs_dir, num_restarts, summary, checked["resume"])
+    summary = load_summary(runs_dir) if checked["resume"] else {"runs": []}
+    checkpoints = resumable_checkpoints(runs_dir, num_restarts, summary, checked["resume"])
     writer = is_writer()
     synchronise()  # every rank has checked the output folder before rank 0 changes it
     # Everything is checked: from here on the output folder changes.
     if writer:
         if checked["overwrite"]:
-            _clear_runs(runs_dir, num_restarts)
+            clear_runs(runs_dir, num_restarts)
         write_json(runs_dir / SETTINGS_FILE, record)
     for index in range(num_restarts):
-        if _finished_record(summary, index) is not None:
+        if finished_record(summary, index) is not None:
             log.info("run %d already finished (%s), skipping it", index, RUNS_FILE)
             continue
         seed = checked["seed"] + index
         run_dir = runs_dir / f"run_{index}"
         checkpoint = checkpoints.get(index)
         if writer and checkpoint is None:
-            _clear_run_dir(run_dir)
+            clear_run_dir(run_dir)
         training_run.start(index, seed, run_dir, checkpoint)
         log.info(
             "run %d of %d: seed %d, files in %s%s",
@@ -343,7 +328,8 @@ def train_with_restarts(
         try:
             training_run.execute()
         except TrainingDiverged as error:
-            _set_record(summary, training_run.record("diverged", time.perf_counter() - start))
+            seconds = time.perf_counter() - start
+            set_record(summary, make_run_record(training_run, "diverged", seconds))
             if writer:
                 write_json(runs_dir / RUNS_FILE, summary)
             _say(f"error: {error}")
@@ -351,8 +337,8 @@ def train_with_restarts(
         except KeyboardInterrupt:
             _report_interrupt(training_run, num_restarts)
         resumed_from = str(training_run.last_checkpoint) if checkpoint is not None else None
-        run_record = training_run.record(None, time.perf_counter() - start, resumed_from)
-        _set_record(summary, run_record)
+        run_record = make_run_record(training_run, None, time.perf_counter() - start, resumed_from)
+        set_record(summary, run_record)
         log.info(
             "rank %d/%d run %d: %s after %d epochs, best val_rmse %s at epoch %s, weights %s",
             rank(),
@@ -366,7 +352,7 @@ def train_with_restarts(
         )
         if writer:
             write_json(runs_dir / RUNS_FILE, summary)
-    best = _best_record(summary)
+    best = best_record(summary)
     summary["best_run"] = best["index"]
     if writer:
         extra = {
@@ -418,92 +404,3 @@ def _say(line: str) -> None:
     """One line on stderr, on a line of its own even when a progress bar was drawing there."""
     tqdm.write(line, file=sys.stderr)
     sys.stderr.flush()
-
-
-def _statistics(patch_data: PatchData) -> dict[str, list[float]]:
-    stats = patch_data.stats
-    return {
-        "input_mean": list(stats.input_mean),
-        "input_std": list(stats.input_std),
-        "target_mean": list(stats.target_mean),
-        "target_std": list(stats.target_std),
-    }
-
-
-def _resumable_checkpoints(
-    runs_dir: Path, num_restarts: int, summary: dict, resume: bool
-) -> dict[int, dict]:
-    """The last checkpoints a resume continues from, each read now (one sentence if corrupt)."""
-    checkpoints = {}
-    if not resume:
-        return checkpoints
-    for index in range(num_restarts):
-        path = runs_dir / f"run_{index}" / LAST_CHECKPOINT
-        if _finished_record(summary, index) is not None or not path.is_file():
-            continue
-        try:
-            checkpoints[index] = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises several types for a truncated or foreign file
-            raise InputError(
-                f"{path} is not a readable checkpoint ({type(error).__name__}); delete it to "
-                f"restart run {index} from its first epoch, or give --overwrite true instead of "
-                "--resume true to start every run over."
-            ) from None
-    return checkpoints
-
-
-def _load_summary(runs_dir: Path) -> dict[str, Any]:
-    path = runs_dir / RUNS_FILE
-    if not path.is_file():
-        return {"runs": []}
-    try:
-        with open(path) as stream:
-            summary = json.load(stream)
-    except (OSError, ValueError) as error:
-        raise InputError(f"{path} is not a readable run record ({error}).") from None
-    if not isinstance(summary, dict) or not isinstance(summary.get("runs"), list):
-        raise InputError(f"{path} is not a run record (no list of runs).")
-    return summary
-
-
-def _finished_record(summary: dict[str, Any], index: int) -> dict[str, Any] | None:
-    for record in summary["runs"]:
-        if record["index"] == index and record["status"] in ("finished", "stopped early"):
-            return record
-    return None
-
-
-def _set_record(summary: dict[str, Any], record: dict[str, Any]) -> None:
-    summary["runs"] = [r for r in summary["runs"] if r["index"] != record["index"]] + [record]
-    summary["runs"].sort(key=lambda r: r["index"])
-
-
-def _best_record(summary: dict[str, Any]) -> dict[str, Any]:
-    scored = [
-        r
-        for r in summary["runs"]
-        if r["best_val_rmse"] is not None and math.isfinite(r["best_val_rmse"])
-    ]
-    if not scored:
-        raise RuntimeError("no run produced a finite validation RMSE")
-    return min(scored, key=lambda r: (r["best_val_rmse"], r["index"]))
-
-
-def _clear_runs(runs_dir: Path, num_restarts: int) -> None:
-    """``--overwrite true``: remove what earlier trainings wrote in ``runs_dir`` (only that)."""
-    for path in existing_runs(runs_dir):
-        if path.parent == runs_dir:
-            path.unlink()
-    for run_dir in sorted(runs_dir.glob("run_*")):
-        _clear_run_dir(run_dir)
-
-
-def _clear_run_dir(run_dir: Path) -> None:
-    """Remove a previous run's checkpoints and TensorBoard events before starting afresh."""
-    if not run_dir.is_dir():
-        return
-    for path in (run_dir / LAST_CHECKPOINT, run_dir / BEST_CHECKPOINT):
-        path.unlink(missing_ok=True)
-    for path in run_dir.glob("events.out.tfevents.*"):
-        path.unlink()
-    remove_stale_temporaries(run_dir)

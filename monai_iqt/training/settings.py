@@ -35,6 +35,7 @@ import torch
 
 from monai_iqt.bundle import as_bool
 from monai_iqt.data.patches import TARGET_REGIONS, TARGET_SCALES
+from monai_iqt.losses import LOSSES
 from monai_iqt.networks.espcn import VALID_SHRINK
 from preprocessing.io import InputError
 from preprocessing.layout import (
@@ -119,8 +120,6 @@ def check_values(settings: Mapping[str, Any]) -> dict[str, Any]:
     checked["dropout_rate"] = _number(
         "dropout_rate", checked.get("dropout_rate", 0.0), low=0.0, high=1.0, low_inclusive=True
     )
-    from monai_iqt.losses import LOSSES  # losses imports training's RMSELoss: import late
-
     loss = _choice("loss", checked.get("loss", "rmse"), LOSSES)
     if loss != "rmse" and not checked.get("predict_variance", False):
         raise InputError(
