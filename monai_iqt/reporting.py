@@ -1,21 +1,28 @@
-"""The paired comparison of two models' RMSE: the one test evaluation and the study both quote.
+"""The tables and the paired test that evaluation and the depth study both write.
 
-Pairs are whatever both models were scored on alike: test subjects (evaluation) or (test
-subject, seed) pairs (the depth study). A claim gives n, the median relative change, the
-Wilcoxon signed-rank statistic and its two-sided p (``scipy.stats.wilcoxon``, exact for small n),
-and says so when n is too small for the test to reach p < 0.05: with n non-zero differences
-the smallest two-sided p the exact test can give is 2 / 2^n (0.0625 for n = 5), so there a p
-would only look like evidence.
+One paired comparison of two models' RMSE for both: pairs are whatever both models were scored
+on alike, test subjects (evaluation) or (test subject, seed) pairs (the depth study). A claim
+gives n, the median relative change, the Wilcoxon signed-rank statistic and its two-sided p
+(``scipy.stats.wilcoxon``, exact for small n), and says so when n is too small for the test to
+reach p < 0.05: with n non-zero differences the smallest two-sided p the exact test can give is
+2 / 2^n (0.0625 for n = 5), so there a p would only look like evidence. Beside it, the
+formatting both tables share: mean ± sd of a column, a markdown table, a CSV file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+import csv
+import io
+import math
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import stats as scipy_stats
+
+from preprocessing.io import write_text
 
 #: The significance level whose reachability is checked.
 ALPHA = 0.05
@@ -92,3 +99,101 @@ def paired_comparison(
         p_value=p_value,
         note=note,
     )
+
+
+def paired_wilcoxon(
+    rows: Sequence[Mapping[str, Any]],
+    first: str | Mapping[str, Any],
+    second: str | Mapping[str, Any],
+    region: str = "total",
+) -> PairedComparison:
+    """The paired comparison (:func:`paired_comparison`) of two models' rows of RMSE.
+
+    ``first`` and ``second`` are a model name or the values a row must match (e.g. model,
+    depth and TVS of a study cell); rows are paired by (subject, seed), a row without a seed
+    (evaluation's) by its subject alone.
+    """
+
+    def by_pair(match: Mapping[str, Any]) -> dict[tuple[str, Any], float]:
+        return {(r["subject"], r.get("seed", "")): r[region] for r in matching(rows, match)}
+
+    matches = [{"model": m} if isinstance(m, str) else m for m in (first, second)]
+    names = [str(m.get("model", m)) for m in matches]
+    return paired_comparison(by_pair(matches[0]), by_pair(matches[1]), *names, region=region)
+
+
+def paired_sentence(w: Mapping[str, Any]) -> str:
+    """A paired comparison (:meth:`PairedComparison.as_dict`; empty: none made) in one
+    sentence, as evaluation's ``summary.md`` gives it."""
+    if not w:
+        return "Wilcoxon signed-rank test: not computed (fewer than two methods)."
+    if w.get("statistic") is None:
+        test = f"Wilcoxon signed-rank test ({w['first']} vs {w['second']}, {w['region']} RMSE): "
+        return test + f"not computed ({w['note']}; n = {w['n']})."
+    p = f"p = {w['p_value']:.4g}" if w["p_value"] is not None else "p not given"
+    return (
+        f"Wilcoxon signed-rank test ({w['first']} vs {w['second']}, paired {w['region']} RMSE, "
+        f"n = {w['n']}): median relative change {100 * w['median_relative_change']:+.1f} %, "
+        f"W = {w['statistic']:g}, {p}; {w['note']}."
+    )
+
+
+def matching(rows: Sequence[Mapping[str, Any]], match: Mapping[str, Any]) -> list[Mapping]:
+    """The rows whose values equal every value of ``match``."""
+    return [r for r in rows if all(r[k] == v for k, v in match.items())]
+
+
+def mean_sd(
+    values: Sequence[float | None],
+    digits: int = 2,
+    bracketed: bool = True,
+    skip_missing: bool = True,
+) -> str:
+    """Mean ± sample standard deviation with ``digits`` decimals; one value: that value.
+
+    Evaluation's tables write ``mean (± sd)`` over the values present ("n/a" if none is);
+    the study's writes ``mean ± sd`` (``bracketed`` false) over every value as it is
+    (``skip_missing`` false), a NaN included.
+    """
+    if skip_missing:
+        values = [v for v in values if v is not None and not math.isnan(v)]
+        if not values:
+            return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    mean, sd = f"{np.mean(values):.{digits}f}", f"{np.std(values, ddof=1):.{digits}f}"
+    return f"{mean} (± {sd})" if bracketed else f"{mean} ± {sd}"
+
+
+def markdown_table(headings: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A markdown table's lines: headings, the separator, then a line per row of cells."""
+    lines = ["| " + " | ".join(headings) + " |", "|" + "---|" * len(headings)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return lines
+
+
+def model_table(
+    rows: Sequence[Mapping[str, Any]],
+    models: Sequence[str],
+    headings: Sequence[str],
+    cells: Callable[[list[Mapping[str, Any]]], list[str]],
+) -> str:
+    """A markdown table with a line per model: its name, then ``cells(its rows)``."""
+    lines = [[model, *cells([r for r in rows if r["model"] == model])] for model in models]
+    return "\n".join(markdown_table(headings, lines))
+
+
+def write_csv(
+    path: Path,
+    columns: Sequence[str],
+    rows: Sequence[Mapping[str, Any]],
+    lineterminator: str = "\r\n",
+) -> Path:
+    """``rows`` as a CSV file with a header (None as an empty field), written atomically; the
+    study's ``metrics.csv`` ends its lines with ``\\n``, evaluation's with the csv module's
+    default ``\\r\\n``."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator=lineterminator)
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(path, buffer.getvalue())
