@@ -22,15 +22,9 @@ from pathlib import Path
 import pytest
 
 from monai_iqt.data import NormalisationStats
-from monai_iqt.paired import paired_comparison, smallest_p
-from monai_iqt.study import (
-    CUBIC,
-    METRICS_COLUMNS,
-    _check_same_training,
-    bundle_study,
-    paired_wilcoxon,
-    unforwarded_settings,
-)
+from monai_iqt.study import bundle_study
+from monai_iqt.study.plan import _check_same_training, unforwarded_settings
+from monai_iqt.study.report import CUBIC, METRICS_COLUMNS
 from monai_iqt.training.settings import compare_settings
 from preprocessing.io import InputError
 
@@ -86,47 +80,6 @@ def read_metrics(output_dir: Path) -> list[dict[str, str]]:
 
 
 # --------------------------------------------------------------------------- fast
-
-
-def test_wilcoxon_p_value_is_the_exact_signed_rank_probability() -> None:
-    # 8 subjects where the model always wins: W = 0, exact two-sided p = 2 / 2^8.
-    rows = []
-    for index in range(8):
-        rows.append({"subject": f"s{index}", "model": "A", "total": 5.0 + 0.1 * index})
-        rows.append({"subject": f"s{index}", "model": "B", "total": 6.0 + 0.3 * index})
-    result = paired_wilcoxon(rows, {"model": "A"}, {"model": "B"})
-    assert result.p_value == pytest.approx(2 / 256) and result.statistic == 0 and result.n == 8
-    changes = [(5.0 + 0.1 * i - 6.0 - 0.3 * i) / (6.0 + 0.3 * i) for i in range(8)]
-    assert result.median_relative_change == pytest.approx(statistics.median(changes))
-    assert result.first_better_in == 8
-    one_pair = paired_wilcoxon(rows[:2], {"model": "A"}, {"model": "B"})
-    assert one_pair.statistic is None and one_pair.p_value is None and one_pair.n == 1
-
-
-def test_pairs_are_subject_and_seed() -> None:
-    # 3 subjects x 2 seeds: 6 pairs, one pair differing in sign; W = rank of the smallest |d|.
-    rows, differences = [], []
-    for seed in (0, 1):
-        for index in range(3):
-            espcn = 6.0 + index + seed
-            change = -0.5 - 0.1 * index - 0.05 * seed if (index, seed) != (0, 0) else 0.05
-            differences.append(change)
-            for model, total in (("ESPCN", espcn), ("ESPCN-RN2", espcn + change)):
-                rows.append({"subject": f"s{index}", "seed": seed, "model": model, "total": total})
-    result = paired_wilcoxon(rows, {"model": "ESPCN-RN2"}, {"model": "ESPCN"})
-    assert result.n == 6 and result.statistic == 1.0  # the one positive difference ranks 1st
-    assert result.p_value == pytest.approx(4 / 64)  # exact: P(W <= 1) two-sided = 2 * 2 / 2^6
-
-
-def test_no_p_where_it_cannot_reach_0_05() -> None:
-    assert smallest_p(5) == pytest.approx(0.0625) and smallest_p(6) == pytest.approx(0.03125)
-    a = {k: 1.0 + 0.1 * k for k in range(5)}
-    b = {k: 2.0 + 0.1 * k for k in range(5)}
-    result = paired_comparison(a, b, "A", "B")
-    assert result.n == 5 and result.statistic == 0.0 and result.p_value is None
-    assert "n = 5 is too small" in result.p_text()
-    six = paired_comparison({**a, 5: 1.5}, {**b, 5: 2.5}, "A", "B")
-    assert six.p_value == pytest.approx(2 / 64) and six.p_text() == "0.03125"
 
 
 def test_study_json_forwards_every_training_setting_to_the_cells() -> None:
