@@ -82,6 +82,46 @@ def read_metrics(output_dir: Path) -> list[dict[str, str]]:
 # --------------------------------------------------------------------------- fast
 
 
+def test_study_figures_are_drawn_without_choosing_a_matplotlib_backend(tmp_path: Path) -> None:
+    """The depth study's figures need no display and leave a caller's backend alone: they are
+    drawn on ``Figure`` objects, no library code calls ``matplotlib.use``."""
+    code = f"""
+import matplotlib
+matplotlib.use("svg")
+from pathlib import Path
+from monai_iqt import figures
+from monai_iqt.study.report import CUBIC, cubic_means, depth_series
+rows = [
+    {{"subject": "s", "model": CUBIC, "depth": "", "tvs": "", "seed": "", "interior": 9.0,
+     "exterior": 11.0, "total": 10.0}},
+    {{"subject": "s", "model": "ESPCN", "depth": 0, "tvs": 1, "seed": 0, "interior": 4.0,
+     "exterior": 6.0, "total": 5.0}},
+    {{"subject": "s", "model": "ESPCN-RN1", "depth": 1, "tvs": 1, "seed": 0, "interior": 3.0,
+     "exterior": 5.0, "total": 4.0}},
+]
+assert depth_series(rows) == {{
+    1: [(0, {{"interior": [4.0], "exterior": [6.0], "total": [5.0]}}),
+        (1, {{"interior": [3.0], "exterior": [5.0], "total": [4.0]}})]
+}}
+out = Path({str(tmp_path)!r})
+figures.rmse_vs_depth_figure(depth_series(rows), cubic_means(rows), CUBIC, out / "a.png")
+memory = [
+    {{"depth": d, "memory_efficient": m, "saved_peak_bytes": 10**6 * (d + 1),
+     "median_step_seconds": 0.1, "batch_size": 2}}
+    for d in (0, 1) for m in (False, True)
+]
+figures.memory_time_figure(memory, out / "b.png")
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+"""
+    env = {key: value for key, value in ENV.items() if key != "DISPLAY"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("a.png", "b.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_study_json_forwards_every_training_setting_to_the_cells() -> None:
     study = json.loads((CONFIGS / "study.json").read_text())
     assert unforwarded_settings(CONFIGS / "train.json", study["cell_overrides"]) == []
