@@ -23,7 +23,7 @@ import pytest
 
 from monai_iqt.data import NormalisationStats
 from monai_iqt.study import bundle_study
-from monai_iqt.study.plan import _check_same_training, unforwarded_settings
+from monai_iqt.study.plan import check_same_training, unforwarded_settings
 from monai_iqt.study.report import CUBIC, METRICS_COLUMNS
 from monai_iqt.training.settings import compare_settings
 from preprocessing.io import InputError
@@ -385,11 +385,11 @@ def test_records_made_before_target_scale_existed_mean_per_channel(tmp_path: Pat
     resume under "channel" and are refused under "shared", naming the setting."""
     old_cell = {"subjects": ["s1"], "depth": 2, "settings": {"epochs": 10}}
     wanted = {"subjects": ["s1"], "depth": 2, "settings": {"epochs": 10}}
-    _check_same_training(
+    check_same_training(
         tmp_path, old_cell, {**wanted, "settings": {"epochs": 10, "target_scale": "channel"}}
     )
     with pytest.raises(InputError, match="target_scale=None, not 'shared'"):
-        _check_same_training(
+        check_same_training(
             tmp_path, old_cell, {**wanted, "settings": {"epochs": 10, "target_scale": "shared"}}
         )
     compare_settings({"epochs": 10}, {"epochs": 10, "target_scale": "channel"}, tmp_path)

@@ -213,11 +213,11 @@ def _training_times(cell_dir: Path, training_seconds: float) -> dict[str, float]
     return {part: round(value, 3) for part, value in times.items()}
 
 
-def _cell_means(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+def cell_means(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return {region: float(np.mean([r[region] for r in rows])) for region in REGIONS}
 
 
-def _record_times(record: Mapping[str, Any]) -> dict[str, float]:
+def record_times(record: Mapping[str, Any]) -> dict[str, float]:
     """A cell record's seconds per part (:data:`TIME_PARTS`); zeros where not recorded."""
     times = dict.fromkeys(TIME_PARTS, 0.0)
     times.update(record.get("seconds") or {})
@@ -225,7 +225,7 @@ def _record_times(record: Mapping[str, Any]) -> dict[str, float]:
     return times
 
 
-def _run_cell(plan: StudyPlan, cell: Cell, record: dict[str, Any] | None) -> dict[str, Any]:
+def run_cell(plan: StudyPlan, cell: Cell, record: dict[str, Any] | None) -> dict[str, Any]:
     """Train (or resume, or skip) one cell, evaluate it and write its record last."""
     cell_dir = plan.cell_dir(cell)
     if record is not None:
@@ -277,11 +277,11 @@ def _run_cell(plan: StudyPlan, cell: Cell, record: dict[str, Any] | None) -> dic
     return record
 
 
-def _log_cell(number: int, total: int, cell: Cell, record: Mapping[str, Any]) -> None:
+def log_cell(number: int, total: int, cell: Cell, record: Mapping[str, Any]) -> None:
     """The one log line of a finished (or skipped) cell, with its figures and time breakdown."""
     rows = record["evaluation"]["rows"]
-    means = _cell_means(rows)
-    times = _record_times(record)
+    means = cell_means(rows)
+    times = record_times(record)
     log.info(
         "cell %d/%d %s (N=%d, %d training subjects, seed %d) %s: test RMSE interior %.3f, "
         "exterior %.3f, total %.3f (1e-5 mm^2/s, %d subjects), best val RMSE %s; time %.0f s = "

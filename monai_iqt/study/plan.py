@@ -232,7 +232,7 @@ def unforwarded_settings(
     ]
 
 
-def _config_value(train_config: str | os.PathLike, key: str, default: Any) -> Any:
+def config_value(train_config: str | os.PathLike, key: str, default: Any) -> Any:
     """A literal top-level setting of the training config (``default`` if it is not one)."""
     with open(train_config) as stream:
         value = json.load(stream).get(key, default)
@@ -250,7 +250,7 @@ def _is_literal(value: Any) -> bool:
     return True
 
 
-def _jsonable(settings: Mapping[str, Any]) -> dict[str, Any]:
+def jsonable(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Settings as they read back from JSON (tuples become lists), so records compare equal."""
     return json.loads(json.dumps(dict(settings), default=str))
 
@@ -302,7 +302,7 @@ class StudyPlan:
         }
 
 
-def _check_same_training(
+def check_same_training(
     cell_dir: Path, recorded: Mapping[str, Any], wanted: Mapping[str, Any]
 ) -> None:
     """A finished cell made with other settings or subjects is not silently reused."""

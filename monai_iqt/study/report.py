@@ -19,7 +19,7 @@ import numpy as np
 from monai_iqt import evaluation
 from monai_iqt.metrics import REGIONS
 from monai_iqt.reporting import markdown_table, matching, mean_sd, paired_wilcoxon, write_csv
-from monai_iqt.study.cell import TIME_PARTS, _cell_means, _record_times
+from monai_iqt.study.cell import TIME_PARTS, cell_means, record_times
 from monai_iqt.study.plan import Splits, StudyPlan
 from preprocessing.io import write_text
 
@@ -68,13 +68,13 @@ def seed_means(
     """Per seed, the cell's mean RMSE over the test subjects, per region."""
     mine = matching(rows, {"model": model, "depth": depth, "tvs": tvs})
     seeds = sorted({r["seed"] for r in mine}, key=str)
-    return {seed: _cell_means([r for r in mine if r["seed"] == seed]) for seed in seeds}
+    return {seed: cell_means([r for r in mine if r["seed"] == seed]) for seed in seeds}
 
 
 def cubic_means(rows: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
     """Cubic B-spline's mean RMSE over the test subjects, per region (None: not evaluated)."""
     cubic_rows = matching(rows, {"model": CUBIC})
-    return _cell_means(cubic_rows) if cubic_rows else None
+    return cell_means(cubic_rows) if cubic_rows else None
 
 
 def depth_series(
@@ -213,7 +213,7 @@ def _best_model(rows, models) -> tuple | None:
     return model, tvs, means
 
 
-def _write_tables(
+def write_tables(
     plan: StudyPlan,
     baseline_rows: Sequence[Mapping[str, Any]],
     records: Sequence[Mapping],
@@ -221,7 +221,7 @@ def _write_tables(
     memory_seconds: float | None = None,
 ) -> dict[str, Path]:
     rows = metrics_rows(baseline_rows, records)
-    times = [{"cell": r["cell"], "seconds": _record_times(r)} for r in records]
+    times = [{"cell": r["cell"], "seconds": record_times(r)} for r in records]
     baselines = {**dict.fromkeys(TIME_PARTS, 0.0), "evaluation": baseline_seconds}
     times.append({"cell": "interpolation baselines", "seconds": baselines})
     if memory_seconds is not None:

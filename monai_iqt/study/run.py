@@ -22,24 +22,24 @@ import torch
 
 from monai_iqt import evaluation, figures
 from monai_iqt.bundle import exit_on_bad_input
-from monai_iqt.study.cell import _log_cell, _run_cell, evaluate_models, read_cell_record
+from monai_iqt.study.cell import evaluate_models, log_cell, read_cell_record, run_cell
 from monai_iqt.study.plan import (
     STUDY_RECORD,
     Cell,
     StudyPlan,
-    _check_same_training,
-    _config_value,
-    _jsonable,
     check_inferer_options,
+    check_same_training,
     check_settings,
+    config_value,
+    jsonable,
     unforwarded_settings,
 )
 from monai_iqt.study.report import (
     CUBIC,
-    _write_tables,
     cubic_means,
     depth_series,
     metrics_rows,
+    write_tables,
 )
 from preprocessing.io import InputError, write_json
 
@@ -102,7 +102,7 @@ def run_study(
         cell_overrides,
         validation_subjects,
         seeds,
-        _config_value(train_config, "num_restarts", 1),
+        config_value(train_config, "num_restarts", 1),
     )
     check_inferer_options(inferer_options or {}, cell_overrides)
     for key in unforwarded_settings(train_config, cell_overrides):
@@ -111,10 +111,10 @@ def run_study(
         dataset_dir=Path(dataset_dir),
         out=Path(output_dir),
         splits=splits,
-        settings=_jsonable(cell_overrides),
+        settings=jsonable(cell_overrides),
         train_config=Path(train_config),
         device=device,
-        evaluation=_jsonable(
+        evaluation=jsonable(
             {
                 "test_subjects": splits.test,
                 "interior_radius": int(interior_radius),
@@ -127,7 +127,7 @@ def run_study(
     for cell in cells:  # before anything is written: refuse records made with other settings
         record = read_cell_record(plan.cell_dir(cell))
         if record is not None:
-            _check_same_training(plan.cell_dir(cell), record["training"], plan.training(cell))
+            check_same_training(plan.cell_dir(cell), record["training"], plan.training(cell))
             finished[cell] = record
     write_json(
         plan.out / STUDY_RECORD,
@@ -158,15 +158,15 @@ def run_study(
     baseline_seconds = round(time.perf_counter() - start, 1)
     records: list[dict[str, Any]] = []
     for number, cell in enumerate(cells, 1):
-        record = _run_cell(plan, cell, finished.get(cell))
+        record = run_cell(plan, cell, finished.get(cell))
         records.append(record)
-        _log_cell(number, len(cells), cell, record)
-        _write_tables(plan, baseline_rows, records, baseline_seconds)
+        log_cell(number, len(cells), cell, record)
+        write_tables(plan, baseline_rows, records, baseline_seconds)
     start = time.perf_counter()
     memory = measure_memory_time(depths, device, memory_batch_size, memory_steps)
     memory_seconds = round(time.perf_counter() - start, 1)
     log.info("memory and step time per depth measured in %.0f s", memory_seconds)
-    files = _write_tables(plan, baseline_rows, records, baseline_seconds, memory_seconds)
+    files = write_tables(plan, baseline_rows, records, baseline_seconds, memory_seconds)
     rows = metrics_rows(baseline_rows, records)
     files["memory_time_json"] = write_json(plan.out / "memory_time.json", memory)
     files["rmse_vs_depth"] = figures.rmse_vs_depth_figure(
