@@ -220,6 +220,7 @@ def write_tables(
     baseline_seconds: float = 0.0,
     memory_seconds: float | None = None,
 ) -> dict[str, Path]:
+    """``metrics.csv`` and ``summary.md`` of the cells so far (rewritten after every cell)."""
     rows = metrics_rows(baseline_rows, records)
     times = [{"cell": r["cell"], "seconds": record_times(r)} for r in records]
     baselines = {**dict.fromkeys(TIME_PARTS, 0.0), "evaluation": baseline_seconds}
