@@ -122,19 +122,19 @@ def paired_wilcoxon(
     return paired_comparison(by_pair(matches[0]), by_pair(matches[1]), *names, region=region)
 
 
-def paired_sentence(w: Mapping[str, Any]) -> str:
-    """A paired comparison (:meth:`PairedComparison.as_dict`; empty: none made) in one
+def paired_sentence(c: Mapping[str, Any]) -> str:
+    """A paired comparison ``c`` (:meth:`PairedComparison.as_dict`; empty: none made) in one
     sentence, as evaluation's ``summary.md`` gives it."""
-    if not w:
+    if not c:
         return "Wilcoxon signed-rank test: not computed (fewer than two methods)."
-    if w.get("statistic") is None:
-        test = f"Wilcoxon signed-rank test ({w['first']} vs {w['second']}, {w['region']} RMSE): "
-        return test + f"not computed ({w['note']}; n = {w['n']})."
-    p = f"p = {w['p_value']:.4g}" if w["p_value"] is not None else "p not given"
+    if c.get("statistic") is None:
+        test = f"Wilcoxon signed-rank test ({c['first']} vs {c['second']}, {c['region']} RMSE): "
+        return test + f"not computed ({c['note']}; n = {c['n']})."
+    p = f"p = {c['p_value']:.4g}" if c["p_value"] is not None else "p not given"
     return (
-        f"Wilcoxon signed-rank test ({w['first']} vs {w['second']}, paired {w['region']} RMSE, "
-        f"n = {w['n']}): median relative change {100 * w['median_relative_change']:+.1f} %, "
-        f"W = {w['statistic']:g}, {p}; {w['note']}."
+        f"Wilcoxon signed-rank test ({c['first']} vs {c['second']}, paired {c['region']} RMSE, "
+        f"n = {c['n']}): median relative change {100 * c['median_relative_change']:+.1f} %, "
+        f"W = {c['statistic']:g}, {p}; {c['note']}."
     )
 
 
