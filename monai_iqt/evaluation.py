@@ -12,10 +12,7 @@ paper's Fig. 4, plus a Wilcoxon signed-rank test), ``summary.json`` and PNG figu
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +25,6 @@ from monai_iqt import figures
 from monai_iqt.bundle import as_bool, check_inference_settings, exit_on_bad_input
 from monai_iqt.data.subjects import Subject, inspect_subject, load_subject
 from monai_iqt.inferers import DEFAULT_ROI_SIZE, make_inferer
-from monai_iqt.maps import tensor_maps
 from monai_iqt.metrics import (
     BASELINE_ORDERS,
     REGIONS,
@@ -37,10 +33,9 @@ from monai_iqt.metrics import (
     interpolate_lr,
     region_rmse,
     uncertainty_metrics,
-    voxel_rms,
 )
 from monai_iqt.outputs import check_writable
-from monai_iqt.paired import paired_comparison
+from monai_iqt.reporting import mean_sd, model_table, paired_sentence, paired_wilcoxon, write_csv
 from preprocessing.io import InputError, write_json, write_text
 from preprocessing.layout import DT_HR, DT_LR, MASK_HR, MASK_LR, find_subjects
 
@@ -228,106 +223,25 @@ def _named(subjects: Any) -> bool:
     return subjects is not None and not (isinstance(subjects, list | tuple) and not subjects)
 
 
-def _mean_std(values: list[float | None], digits: int = 2) -> str:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{np.mean(values):.{digits}f} (± {np.std(values, ddof=1):.{digits}f})"
-
-
-def _table(rows: list[dict], models: Sequence[str], headings: Sequence[str], cells: Any) -> str:
-    """Markdown table, a line per model: its name, then ``cells(its rows)``."""
-    lines = ["| " + " | ".join(headings) + " |", "|" + "---|" * len(headings)]
-    for model in models:
-        mine = [r for r in rows if r["model"] == model]
-        lines.append("| " + " | ".join([model, *cells(mine)]) + " |")
-    return "\n".join(lines)
-
-
 def summary_table(rows: list[dict], models: Sequence[str]) -> str:
     """Markdown table in the layout of the paper's Fig. 4: mean (± std) RMSE per model."""
 
     def cells(mine: list[dict]) -> list[str]:
         tvs = mine[0]["tvs"] if mine and mine[0]["tvs"] is not None else "–"
-        return [str(tvs), str(len(mine)), *(_mean_std([r[k] for r in mine]) for k in REGIONS)]
+        return [str(tvs), str(len(mine)), *(mean_sd([r[k] for r in mine]) for k in REGIONS)]
 
     headings = ("Model", "Subjects (TVS)", "Test subjects", "RMSE Interior", "RMSE Exterior")
-    return _table(rows, models, (*headings, "RMSE Total"), cells)
+    return model_table(rows, models, (*headings, "RMSE Total"), cells)
 
 
 def uncertainty_table(rows: list[dict], models: Sequence[str]) -> str:
     """Markdown table of coverage and rank correlation, mean (± std) over test subjects."""
 
     def cells(mine: list[dict]) -> list[str]:
-        return [_mean_std([r[c] for r in mine], digits=3) for c in UNCERTAINTY_COLUMNS]
+        return [mean_sd([r[c] for r in mine], digits=3) for c in UNCERTAINTY_COLUMNS]
 
     headings = ("Model", "Coverage 1σ", "Coverage 2σ", "Spearman σ vs error")
-    return _table(rows, models, headings, cells)
-
-
-def _write_csv(path: Path, rows: list[dict]) -> Path:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS))
-    writer.writeheader()
-    writer.writerows(rows)
-    return write_text(path, buffer.getvalue())
-
-
-def _central_slice(mask_hr: np.ndarray) -> int:
-    return int(np.round(np.nonzero(mask_hr.any(axis=(0, 1)))[0].mean()))
-
-
-def _figures(
-    subject: Subject, predictions: Mapping[str, Prediction], model: str | None, out: Path
-) -> dict[str, Path]:
-    """Fig. 5-like MD panel, colour-FA and error maps at the brain's central axial slice, and
-    the error beside the uncertainty of the first model that predicts one."""
-    z = _central_slice(subject.mask_hr)
-    affine = subject.header.hr_affine
-    preferred = [name for name in (model, BASELINE_NAMES["cubic"]) if name in predictions]
-    shown = preferred or list(predictions)[:1]  # e.g. baselines only, without cubic
-    maps = {"ground truth": tensor_maps(subject.dt_hr, subject.mask_hr)}
-    maps.update({name: tensor_maps(predictions[name].mean, subject.mask_hr) for name in shown})
-    md_lr = tensor_maps(subject.dt_lr, subject.mask_lr)["md"]
-    errors = {
-        name: voxel_rms(predictions[name].mean - subject.dt_hr) * subject.mask_hr for name in shown
-    }
-    title = f"subject {subject.name}, axial slice z={z}"
-    files = {
-        "md": figures.md_figure(
-            md_lr,
-            {k: v["md"] for k, v in maps.items()},
-            z,
-            subject.upscale_factor,
-            affine,
-            out / "md_axial.png",
-            title,
-        ),
-        "colour_fa": figures.colour_fa_figure(
-            {k: v["colour_fa"] for k, v in maps.items()},
-            z,
-            affine,
-            out / "colour_fa_axial.png",
-            title,
-        ),
-        "error": figures.error_figure(errors, z, affine, out / "abs_error_axial.png", title),
-    }
-    uncertain = next((n for n, p in predictions.items() if p.std is not None), None)
-    if uncertain is not None:
-        error = errors.get(uncertain)
-        if error is None:
-            error = voxel_rms(predictions[uncertain].mean - subject.dt_hr) * subject.mask_hr
-        files["uncertainty"] = figures.uncertainty_figure(
-            error,
-            voxel_rms(predictions[uncertain].std) * subject.mask_hr,
-            z,
-            affine,
-            out / "uncertainty_axial.png",
-            f"{uncertain}, {title}",
-        )
-    return files
+    return model_table(rows, models, headings, cells)
 
 
 def evaluate(
@@ -406,19 +320,19 @@ def evaluate(
         )
         if out is not None and subject.name == figure_subject:
             out.mkdir(parents=True, exist_ok=True)
-            result.files.update(_figures(subject, predictions, next(iter(models), None), out))
+            preferred = (next(iter(models), None), BASELINE_NAMES["cubic"])
+            result.files.update(figures.subject_figures(subject, predictions, preferred, out))
     if len(compare) == 2:
-        result.wilcoxon = wilcoxon_test(result.rows, *compare)
+        result.wilcoxon = paired_wilcoxon(result.rows, *compare).as_dict()
     result.summary_markdown = _summary_markdown(result, names, interior_radius)
     if out is None:
         return result
     out.mkdir(parents=True, exist_ok=True)
     if curves:
-        pooled = {name: _mean_curve(c) for name, c in curves.items()}
         result.files["reliability"] = figures.reliability_figure(
-            pooled, out / "reliability.png", f"calibration over {len(headers)} test subjects"
+            curves, out / "reliability.png", f"calibration over {len(headers)} test subjects"
         )
-    result.files["metrics"] = _write_csv(out / "metrics.csv", result.rows)
+    result.files["metrics"] = write_csv(out / "metrics.csv", COLUMNS, result.rows)
     result.files["summary"] = write_text(out / "summary.md", result.summary_markdown)
     result.files["summary_json"] = write_json(
         out / "summary.json",
@@ -456,43 +370,14 @@ def _row(
     return row
 
 
-def _mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """Observed coverage averaged over subjects (each subject weighs the same)."""
-    return curves[0][0], np.mean([observed for _, observed in curves], axis=0)
-
-
-def wilcoxon_test(rows: list[dict], first: str, second: str, region: str = "total") -> dict:
-    """The paired comparison (:func:`monai_iqt.paired.paired_comparison`) of two models'
-    per-subject RMSE: n, median relative change, Wilcoxon statistic and p (none for small n)."""
-    by_model: dict[str, dict[str, float]] = {}
-    for row in rows:
-        by_model.setdefault(row["model"], {})[row["subject"]] = row[region]
-    return paired_comparison(
-        by_model.get(first, {}), by_model.get(second, {}), first, second, region
-    ).as_dict()
-
-
 def _summary_markdown(result: EvaluationResult, names: Sequence[str], radius: int) -> str:
-    w = result.wilcoxon
-    if not w:
-        test = "Wilcoxon signed-rank test: not computed (fewer than two methods)."
-    elif w.get("statistic") is None:
-        test = f"Wilcoxon signed-rank test ({w['first']} vs {w['second']}, {w['region']} RMSE): "
-        test += f"not computed ({w['note']}; n = {w['n']})."
-    else:
-        p = f"p = {w['p_value']:.4g}" if w["p_value"] is not None else "p not given"
-        test = (
-            f"Wilcoxon signed-rank test ({w['first']} vs {w['second']}, paired {w['region']} RMSE, "
-            f"n = {w['n']}): median relative change {100 * w['median_relative_change']:+.1f} %, "
-            f"W = {w['statistic']:g}, {p}; {w['note']}."
-        )
     text = (
         "# Evaluation\n\n"
         "RMSE over the 6 tensor elements of brain voxels, in 1e-5 mm²/s, mean (± std) over test "
         f"subjects. Interior: brain voxels whose LR voxel's radius-{radius} neighbourhood lies "
         "inside the LR mask; exterior: the other brain voxels. Subjects (TVS): training subjects "
         "of the model.\n\n"
-        f"{summary_table(result.rows, names)}\n\n{test}\n"
+        f"{summary_table(result.rows, names)}\n\n{paired_sentence(result.wilcoxon)}\n"
     )
     predicted_sigma = {r["model"] for r in result.rows if r["coverage_1sigma"] is not None}
     uncertain = [n for n in names if n in predicted_sigma]

@@ -1,8 +1,11 @@
-"""PNG figures of an evaluation: the paper's Fig. 5 (axial MD slice), colour-FA, error maps, and,
-for a model that predicts its uncertainty, a reliability diagram and error beside uncertainty.
+"""PNG figures of an evaluation and of the depth study: the paper's Fig. 5 (axial MD slice),
+colour-FA, error maps, and, for a model that predicts its uncertainty, a reliability diagram and
+error beside uncertainty; the study's RMSE against depth (Fig. 4) and its autograd memory and
+step time against depth (Fig. 6).
 
-Figures are ``matplotlib.figure.Figure`` objects drawn by the Agg canvas, so importing this
-module leaves matplotlib's global backend (and any user's pyplot session) alone. Slices are
+Figures are ``matplotlib.figure.Figure`` objects drawn by the Agg canvas, so neither importing
+this module nor drawing selects matplotlib's global backend (or touches any user's pyplot
+session), and no display is needed. Slices are
 drawn in voxel order (voxel x to the right, voxel y upwards); every slice figure labels its edges
 with the subject's directions taken from the affine (``nibabel.aff2axcodes``) and says whether
 the drawing is radiological (the subject's left on the image's right, as HCP's LAS storage gives)
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -20,8 +24,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from monai_iqt.metrics import RMSE_UNIT
+from monai_iqt.maps import tensor_maps
+from monai_iqt.metrics import REGIONS, RMSE_UNIT, voxel_rms
 from preprocessing.io import atomic_path
+
+if TYPE_CHECKING:
+    from monai_iqt.data.subjects import Subject
+    from monai_iqt.evaluation import Prediction
+
+#: Bytes per MB, as the memory benchmark counts them.
+MB = 1e6
 
 _OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
 _SIDE = {"L": "left", "R": "right", "A": "anterior", "P": "posterior", "S": "superior"}
@@ -165,16 +177,23 @@ def uncertainty_figure(
     return _save(figure, path)
 
 
+def _mean_curve(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Observed coverage averaged over subjects (each subject weighs the same)."""
+    return curves[0][0], np.mean([observed for _, observed in curves], axis=0)
+
+
 def reliability_figure(
-    curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str
+    curves: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]], path: Path, title: str
 ) -> Path:
     """Observed against nominal coverage of Gaussian central intervals (the diagonal is
-    calibrated; below it the model is over-confident)."""
+    calibrated; below it the model is over-confident), averaged over subjects: ``curves``
+    holds per model one (nominal, observed) curve per subject."""
     figure = Figure(figsize=(4.2, 4.2))
     FigureCanvasAgg(figure)
     axis = figure.subplots()
     axis.plot([0, 1], [0, 1], linestyle="--", color="grey", label="calibrated")
-    for name, (expected, observed) in curves.items():
+    for name, per_subject in curves.items():
+        expected, observed = _mean_curve(per_subject)
         axis.plot(expected, observed, marker="o", markersize=3, label=name)
     axis.set_xlim(0, 1)
     axis.set_ylim(0, 1)
@@ -183,4 +202,139 @@ def reliability_figure(
     axis.set_ylabel("observed fraction of brain voxel elements")
     axis.legend(loc="upper left", fontsize=8)
     axis.set_title(title, fontsize=9)
+    return _save(figure, path)
+
+
+# --------------------------------------------------------------------------- one subject
+
+
+def _central_slice(mask_hr: np.ndarray) -> int:
+    return int(np.round(np.nonzero(mask_hr.any(axis=(0, 1)))[0].mean()))
+
+
+def subject_figures(
+    subject: Subject,
+    predictions: Mapping[str, Prediction],
+    preferred: Sequence[str | None],
+    out: Path,
+) -> dict[str, Path]:
+    """Fig. 5-like MD panel, colour-FA and error maps at the brain's central axial slice, and
+    the error beside the uncertainty of the first model that predicts one.
+
+    The panels show the ``preferred`` predictions that exist (evaluation: its first model and
+    cubic B-spline), else the first prediction.
+    """
+    z = _central_slice(subject.mask_hr)
+    affine = subject.header.hr_affine
+    preferred = [name for name in preferred if name in predictions]
+    shown = preferred or list(predictions)[:1]  # e.g. baselines only, without cubic
+    maps = {"ground truth": tensor_maps(subject.dt_hr, subject.mask_hr)}
+    maps.update({name: tensor_maps(predictions[name].mean, subject.mask_hr) for name in shown})
+    md_lr = tensor_maps(subject.dt_lr, subject.mask_lr)["md"]
+    errors = {
+        name: voxel_rms(predictions[name].mean - subject.dt_hr) * subject.mask_hr for name in shown
+    }
+    title = f"subject {subject.name}, axial slice z={z}"
+    files = {
+        "md": md_figure(
+            md_lr,
+            {k: v["md"] for k, v in maps.items()},
+            z,
+            subject.upscale_factor,
+            affine,
+            out / "md_axial.png",
+            title,
+        ),
+        "colour_fa": colour_fa_figure(
+            {k: v["colour_fa"] for k, v in maps.items()},
+            z,
+            affine,
+            out / "colour_fa_axial.png",
+            title,
+        ),
+        "error": error_figure(errors, z, affine, out / "abs_error_axial.png", title),
+    }
+    uncertain = next((n for n, p in predictions.items() if p.std is not None), None)
+    if uncertain is not None:
+        error = errors.get(uncertain)
+        if error is None:
+            error = voxel_rms(predictions[uncertain].mean - subject.dt_hr) * subject.mask_hr
+        files["uncertainty"] = uncertainty_figure(
+            error,
+            voxel_rms(predictions[uncertain].std) * subject.mask_hr,
+            z,
+            affine,
+            out / "uncertainty_axial.png",
+            f"{uncertain}, {title}",
+        )
+    return files
+
+
+# --------------------------------------------------------------------------- depth study
+
+
+def rmse_vs_depth_figure(
+    series: Mapping[Any, Sequence[tuple[int, Mapping[str, Sequence[float]]]]],
+    baseline: Mapping[str, float] | None,
+    baseline_name: str,
+    path: Path,
+) -> Path:
+    """Interior, exterior and total RMSE against N, one line per TVS: mean ± sd of each
+    depth's values (the study's: per seed, the test-subject mean), the baseline dashed.
+
+    ``series``: per TVS, ``(depth, {region: values})`` by depth; ``baseline``: its RMSE per
+    region, or None.
+    """
+    figure = Figure(figsize=(13, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 3)
+    ticks = sorted({depth for cells in series.values() for depth, _ in cells})
+    for axis, region in zip(axes, REGIONS, strict=True):
+        for tvs, cells in series.items():
+            depths = [depth for depth, _ in cells]
+            values = [per_region[region] for _, per_region in cells]
+            axis.errorbar(
+                depths,
+                [np.mean(v) for v in values],
+                yerr=[np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values],
+                marker="o",
+                capsize=3,
+                label=f"TVS {tvs}",
+            )
+        if baseline is not None:
+            axis.axhline(baseline[region], color="grey", linestyle="--", label=baseline_name)
+        axis.set_xticks(ticks)
+        axis.set_title(f"RMSE {region}")
+        axis.set_xlabel("reversible blocks per stack N")
+        axis.set_ylabel("RMSE (1e-5 mm²/s)")
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    return _save(figure, path)
+
+
+def memory_time_figure(results: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Fig. 6 against depth: peak bytes saved by autograd and step time, both modes."""
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    memory_axis, time_axis = figure.subplots(1, 2)
+    for memory_efficient, label in ((False, "plain (naive)"), (True, "memory-efficient")):
+        mine = sorted(
+            (r for r in results if r["memory_efficient"] == memory_efficient),
+            key=lambda r: r["depth"],
+        )
+        depths = [r["depth"] for r in mine]
+        memory_axis.plot(
+            depths, [r["saved_peak_bytes"] / MB for r in mine], marker="o", label=label
+        )
+        time_axis.plot(depths, [r["median_step_seconds"] for r in mine], marker="o", label=label)
+        for axis in (memory_axis, time_axis):
+            axis.set_xticks(depths)
+    batch = results[0]["batch_size"] if results else "?"
+    memory_axis.set_ylabel("peak bytes saved by autograd (MB)")
+    time_axis.set_ylabel("median time of one training step (s)")
+    for axis in (memory_axis, time_axis):
+        axis.set_xlabel("reversible blocks per stack N")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle(f"One Adam step, batch {batch} of 11³ LR patches")
     return _save(figure, path)

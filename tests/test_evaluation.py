@@ -383,6 +383,7 @@ def test_slice_orientation_comes_from_the_affine(diagonal, edges, convention):
 def test_importing_figures_leaves_the_matplotlib_backend_alone():
     code = (
         "import matplotlib; matplotlib.use('svg'); import monai_iqt.figures; "
+        "import monai_iqt.evaluation, monai_iqt.study; "
         "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

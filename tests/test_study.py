@@ -22,15 +22,9 @@ from pathlib import Path
 import pytest
 
 from monai_iqt.data import NormalisationStats
-from monai_iqt.paired import paired_comparison, smallest_p
-from monai_iqt.study import (
-    CUBIC,
-    METRICS_COLUMNS,
-    _check_same_training,
-    bundle_study,
-    paired_wilcoxon,
-    unforwarded_settings,
-)
+from monai_iqt.study import bundle_study
+from monai_iqt.study.plan import check_same_training, unforwarded_settings
+from monai_iqt.study.report import CUBIC, METRICS_COLUMNS
 from monai_iqt.training.settings import compare_settings
 from preprocessing.io import InputError
 
@@ -88,45 +82,44 @@ def read_metrics(output_dir: Path) -> list[dict[str, str]]:
 # --------------------------------------------------------------------------- fast
 
 
-def test_wilcoxon_p_value_is_the_exact_signed_rank_probability() -> None:
-    # 8 subjects where the model always wins: W = 0, exact two-sided p = 2 / 2^8.
-    rows = []
-    for index in range(8):
-        rows.append({"subject": f"s{index}", "model": "A", "total": 5.0 + 0.1 * index})
-        rows.append({"subject": f"s{index}", "model": "B", "total": 6.0 + 0.3 * index})
-    result = paired_wilcoxon(rows, {"model": "A"}, {"model": "B"})
-    assert result.p_value == pytest.approx(2 / 256) and result.statistic == 0 and result.n == 8
-    changes = [(5.0 + 0.1 * i - 6.0 - 0.3 * i) / (6.0 + 0.3 * i) for i in range(8)]
-    assert result.median_relative_change == pytest.approx(statistics.median(changes))
-    assert result.first_better_in == 8
-    one_pair = paired_wilcoxon(rows[:2], {"model": "A"}, {"model": "B"})
-    assert one_pair.statistic is None and one_pair.p_value is None and one_pair.n == 1
-
-
-def test_pairs_are_subject_and_seed() -> None:
-    # 3 subjects x 2 seeds: 6 pairs, one pair differing in sign; W = rank of the smallest |d|.
-    rows, differences = [], []
-    for seed in (0, 1):
-        for index in range(3):
-            espcn = 6.0 + index + seed
-            change = -0.5 - 0.1 * index - 0.05 * seed if (index, seed) != (0, 0) else 0.05
-            differences.append(change)
-            for model, total in (("ESPCN", espcn), ("ESPCN-RN2", espcn + change)):
-                rows.append({"subject": f"s{index}", "seed": seed, "model": model, "total": total})
-    result = paired_wilcoxon(rows, {"model": "ESPCN-RN2"}, {"model": "ESPCN"})
-    assert result.n == 6 and result.statistic == 1.0  # the one positive difference ranks 1st
-    assert result.p_value == pytest.approx(4 / 64)  # exact: P(W <= 1) two-sided = 2 * 2 / 2^6
-
-
-def test_no_p_where_it_cannot_reach_0_05() -> None:
-    assert smallest_p(5) == pytest.approx(0.0625) and smallest_p(6) == pytest.approx(0.03125)
-    a = {k: 1.0 + 0.1 * k for k in range(5)}
-    b = {k: 2.0 + 0.1 * k for k in range(5)}
-    result = paired_comparison(a, b, "A", "B")
-    assert result.n == 5 and result.statistic == 0.0 and result.p_value is None
-    assert "n = 5 is too small" in result.p_text()
-    six = paired_comparison({**a, 5: 1.5}, {**b, 5: 2.5}, "A", "B")
-    assert six.p_value == pytest.approx(2 / 64) and six.p_text() == "0.03125"
+def test_study_figures_are_drawn_without_choosing_a_matplotlib_backend(tmp_path: Path) -> None:
+    """The depth study's figures need no display and leave a caller's backend alone: they are
+    drawn on ``Figure`` objects, no library code calls ``matplotlib.use``."""
+    code = f"""
+import matplotlib
+matplotlib.use("svg")
+from pathlib import Path
+from monai_iqt import figures
+from monai_iqt.study.report import CUBIC, cubic_means, depth_series
+rows = [
+    {{"subject": "s", "model": CUBIC, "depth": "", "tvs": "", "seed": "", "interior": 9.0,
+     "exterior": 11.0, "total": 10.0}},
+    {{"subject": "s", "model": "ESPCN", "depth": 0, "tvs": 1, "seed": 0, "interior": 4.0,
+     "exterior": 6.0, "total": 5.0}},
+    {{"subject": "s", "model": "ESPCN-RN1", "depth": 1, "tvs": 1, "seed": 0, "interior": 3.0,
+     "exterior": 5.0, "total": 4.0}},
+]
+assert depth_series(rows) == {{
+    1: [(0, {{"interior": [4.0], "exterior": [6.0], "total": [5.0]}}),
+        (1, {{"interior": [3.0], "exterior": [5.0], "total": [4.0]}})]
+}}
+out = Path({str(tmp_path)!r})
+figures.rmse_vs_depth_figure(depth_series(rows), cubic_means(rows), CUBIC, out / "a.png")
+memory = [
+    {{"depth": d, "memory_efficient": m, "saved_peak_bytes": 10**6 * (d + 1),
+     "median_step_seconds": 0.1, "batch_size": 2}}
+    for d in (0, 1) for m in (False, True)
+]
+figures.memory_time_figure(memory, out / "b.png")
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+"""
+    env = {key: value for key, value in ENV.items() if key != "DISPLAY"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("a.png", "b.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_study_json_forwards_every_training_setting_to_the_cells() -> None:
@@ -392,11 +385,11 @@ def test_records_made_before_target_scale_existed_mean_per_channel(tmp_path: Pat
     resume under "channel" and are refused under "shared", naming the setting."""
     old_cell = {"subjects": ["s1"], "depth": 2, "settings": {"epochs": 10}}
     wanted = {"subjects": ["s1"], "depth": 2, "settings": {"epochs": 10}}
-    _check_same_training(
+    check_same_training(
         tmp_path, old_cell, {**wanted, "settings": {"epochs": 10, "target_scale": "channel"}}
     )
     with pytest.raises(InputError, match="target_scale=None, not 'shared'"):
-        _check_same_training(
+        check_same_training(
             tmp_path, old_cell, {**wanted, "settings": {"epochs": 10, "target_scale": "shared"}}
         )
     compare_settings({"epochs": 10}, {"epochs": 10, "target_scale": "channel"}, tmp_path)
