@@ -24,15 +24,9 @@ _LAZY = {
     "read_gradient_table": "preprocessing.gradients",
     "fit_dti": "preprocessing.tensor_fit",
     "count_non_positive_definite": "preprocessing.tensor_fit",
-<<<<<<< HEAD
     "block_mean": "preprocessing.geometry",
     "downsample_mask": "preprocessing.geometry",
-    "PreprocessingOptions": "preprocessing.hcp",
-=======
-    "block_mean": "preprocessing.downsample",
-    "downsample_mask": "preprocessing.downsample",
     "PreprocessingOptions": "preprocessing.hcp_settings",
->>>>>>> lay-train
     "RunSummary": "preprocessing.hcp",
     "preprocess_subject": "preprocessing.hcp",
     "preprocess_hcp": "preprocessing.hcp",

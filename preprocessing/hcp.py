@@ -36,19 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
-<<<<<<< HEAD
 from preprocessing.brain_mask import data_brain_mask
 from preprocessing.geometry import (
-    block_mean,
-    crop_to_multiple,
     crop_volume,
     downsample_mask,
     lr_affine_from_hr,
 )
-=======
-from preprocessing.downsample import crop_volume, data_brain_mask, downsample_mask
-from preprocessing.geometry import lr_affine_from_hr
->>>>>>> lay-train
 from preprocessing.gradients import read_gradient_table
 from preprocessing.hcp_inputs import (
     DIFFUSION_SUBDIR,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocessing.downsample import block_mean, crop_volume, downsample_mask
+from preprocessing.geometry import block_mean, crop_volume, downsample_mask
 from preprocessing.geometry import crop_to_multiple
 from preprocessing.gradients import read_gradient_table
 from preprocessing.hcp_settings import PreprocessingOptions
