@@ -49,7 +49,8 @@ import numpy as np
 import torch
 
 from monai_iqt import evaluation
-from monai_iqt.bundle import check_inference_settings, exit_on_bad_input
+from monai_iqt.bundle import exit_on_bad_input
+from monai_iqt.inference_plan import check_inference_settings
 from monai_iqt.inferers import DEFAULT_ROI_SIZE
 from monai_iqt.metrics import REGIONS
 from monai_iqt.paired import PairedComparison, paired_comparison
