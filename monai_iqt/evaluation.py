@@ -22,8 +22,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from monai_iqt import figures
-from monai_iqt.bundle import as_bool, check_inference_settings, exit_on_bad_input
+from monai_iqt.bundle import as_bool, exit_on_bad_input
 from monai_iqt.data.subjects import Subject, inspect_subject, load_subject
+from monai_iqt.inference_plan import check_inference_settings
 from monai_iqt.inferers import DEFAULT_ROI_SIZE, make_inferer
 from monai_iqt.metrics import (
     BASELINE_ORDERS,

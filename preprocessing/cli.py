@@ -2,8 +2,8 @@
 
 ``argparse`` (Python 3.11) refuses an unknown option with exit code 2 but does not say which
 option was meant; the bundle's ``run`` entries refuse unknown ``--name value`` settings the same
-way (:func:`monai_iqt.bundle.refuse_unknown_settings`). Both ask :func:`nearest` so a misspelling
-is answered alike everywhere.
+way (:func:`monai_iqt.bundle_settings.refuse_unknown_settings`). Both ask :func:`nearest` so a
+misspelling is answered alike everywhere.
 """
 
 from __future__ import annotations

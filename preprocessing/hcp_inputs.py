@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocessing.geometry import block_mean, crop_volume, downsample_mask
-from preprocessing.geometry import crop_to_multiple
+from preprocessing.geometry import block_mean, crop_to_multiple, crop_volume, downsample_mask
 from preprocessing.gradients import read_gradient_table
 from preprocessing.hcp_settings import PreprocessingOptions
 from preprocessing.io import (

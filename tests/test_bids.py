@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tiny_bundle import write_tiny_models
 
-from monai_iqt.bundle import run_inference
+from monai_iqt.inference import run_inference
 from preprocessing.io import InputError
 
 REPO = Path(__file__).resolve().parents[1]

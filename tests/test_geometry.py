@@ -193,5 +193,3 @@ def test_lr_mask_is_at_least_half_of_the_block():
     lr = downsample_mask(mask, 2)
     assert lr.dtype == np.uint8
     np.testing.assert_array_equal(lr[:, 0, 0], [1, 0])
-
-

@@ -12,8 +12,8 @@ import pytest
 import torch
 from tiny_bundle import MEAN, STD, randomise_batch_norm, write_tiny_models
 
-from monai_iqt.bundle import inference, run_inference
 from monai_iqt.data.normalise import NormalisationStats
+from monai_iqt.inference import inference, run_inference
 from monai_iqt.inferers import WholeBrainInferer, plan_windows
 from monai_iqt.inputs import inference_region, load_input
 from monai_iqt.networks import ESPCN_RN, VALID_SHRINK, fixed_dropout_masks

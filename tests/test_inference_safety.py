@@ -19,7 +19,7 @@ import pytest
 from dipy.reconst.dti import from_lower_triangular
 from tiny_bundle import MEAN, STD, write_tiny_models
 
-from monai_iqt.bundle import run_inference
+from monai_iqt.inference import run_inference
 from monai_iqt.inferers import repeat_blocks
 from monai_iqt.inputs import TENSOR_ORDERS, inference_region
 from preprocessing.geometry import hr_affine_from_lr

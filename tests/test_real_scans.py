@@ -18,7 +18,7 @@ from dipy.reconst.dti import TensorModel, fractional_anisotropy
 from dipy.segment.mask import median_otsu
 from tiny_bundle import MEAN, STD, write_tiny_models
 
-from monai_iqt.bundle import run_inference
+from monai_iqt.inference import run_inference
 from monai_iqt.inputs import check_voxel_size, load_input
 from preprocessing.io import InputError, save_nifti
 

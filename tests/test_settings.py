@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from monai_iqt import bundle
+from monai_iqt import bundle_settings
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "iqt_espcn_rn"
@@ -43,7 +43,7 @@ def config_files() -> list[Path]:
 
 
 def file_settings(path: Path) -> list[str]:
-    return bundle.config_settings(json.loads(path.read_text()))
+    return bundle_settings.config_settings(json.loads(path.read_text()))
 
 
 def documented_sections(text: str) -> list[tuple[set[str], set[str]]]:
@@ -107,18 +107,18 @@ def test_an_undocumented_or_unread_setting_fails_the_docs_check(tmp_path: Path) 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_setting_is_read_by_its_command(command: str) -> None:
     """A setting that no other entry refers to would be accepted and do nothing."""
-    config = bundle.load_configs([str(CONFIGS / name) for name in COMMANDS[command]])
-    for name in bundle.config_settings(config):
+    config = bundle_settings.load_configs([str(CONFIGS / name) for name in COMMANDS[command]])
+    for name in bundle_settings.config_settings(config):
         others = json.dumps({key: value for key, value in config.items() if key != name})
         assert re.search(rf"@{name}\b", others), f"{command}: setting {name} is read by nothing"
 
 
 def test_setting_rule_separates_settings_from_wiring() -> None:
     inference = json.loads((CONFIGS / "inference.json").read_text())
-    settings = bundle.config_settings(inference)
+    settings = bundle_settings.config_settings(inference)
     assert {"model_path", "device", "repair_tensors", "bundle_root", "input"} <= set(settings)
     assert not {"network_def", "network_settings", "network", "inferer", "writer"} & set(settings)
-    assert not set(bundle.WORKFLOW_IDS) & set(settings)
+    assert not set(bundle_settings.WORKFLOW_IDS) & set(settings)
 
 
 def refusal(*argv: str, cwd: Path = BUNDLE) -> str | None:
@@ -126,8 +126,8 @@ def refusal(*argv: str, cwd: Path = BUNDLE) -> str | None:
     before = Path.cwd()
     os.chdir(cwd)
     try:
-        bundle.refuse_unknown_settings.__wrapped__(["run", *argv])
-    except bundle.InputError as error:
+        bundle_settings.refuse_unknown_settings.__wrapped__(["run", *argv])
+    except bundle_settings.InputError as error:
         return str(error)
     finally:
         os.chdir(before)
@@ -170,7 +170,7 @@ def test_refusal_names_every_unknown_name_and_its_nearest_setting(tmp_path: Path
     )
     assert "--noresume" in refusal("--config_file", "configs/train.json", "--noresume")
     # outside `python -m monai.bundle run` there is no command line to check
-    assert bundle.refuse_unknown_settings() is None
+    assert bundle_settings.refuse_unknown_settings() is None
 
 
 @pytest.mark.slow

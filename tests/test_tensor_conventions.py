@@ -15,7 +15,7 @@ from dipy.core.sphere import HemiSphere, disperse_charges
 from dipy.reconst.dti import TensorModel
 from tiny_bundle import MEAN, STD, write_tiny_models
 
-from monai_iqt.bundle import run_inference
+from monai_iqt.inference import run_inference
 from monai_iqt.inputs import load_input
 from preprocessing.io import save_nifti
 from preprocessing.tensor_conventions import from_voxel_frame, to_voxel_frame

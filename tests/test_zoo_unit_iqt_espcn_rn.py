@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from monai.bundle import ConfigWorkflow
 
-from monai_iqt.bundle import run_inference
+from monai_iqt.inference import run_inference
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "iqt_espcn_rn"
 

@@ -143,7 +143,7 @@ def dwi_peak_rss(args: argparse.Namespace) -> None:
         extra = {"num_blocks": args.num_blocks, "weights_sha256": file_sha256(model_path)}
         NormalisationStats(mean, std, mean, std, extra).save(stats_path)
         code = (
-            "from monai_iqt.bundle import run_inference; from monai_iqt.benchmark.inference "
+            "from monai_iqt.inference import run_inference; from monai_iqt.benchmark.inference "
             "import peak_rss_mb; import time, json; t = time.perf_counter(); "
             f"run_inference({str(data)!r}, {str(folder / 'out')!r}, {str(model_path)!r}, "
             f"{str(stats_path)!r}, roi_size={args.roi_size}, device={args.device!r}); "

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from monai_iqt import evaluation
-from monai_iqt.bundle import check_inference_settings
+from monai_iqt.inference_plan import check_inference_settings
 from monai_iqt.inferers import DEFAULT_ROI_SIZE
 from monai_iqt.training.settings import RECORDED_SINCE, check_values
 from preprocessing import layout
