@@ -21,7 +21,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from preprocessing.io import InputError, write_json
+from preprocessing.errors import InputError
+from preprocessing.io import write_json
 
 log = logging.getLogger(__name__)
 

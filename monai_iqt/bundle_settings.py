@@ -16,9 +16,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from monai_iqt.bundle import exit_on_bad_input
 from preprocessing.cli import nearest
-from preprocessing.io import InputError
+from preprocessing.errors import InputError, exit_on_bad_input
 
 #: The ids MONAI's config workflow evaluates itself: wiring, not settings.
 WORKFLOW_IDS = ("imports", "initialize", "run", "finalize")

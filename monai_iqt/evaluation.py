@@ -22,7 +22,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from monai_iqt import figures
-from monai_iqt.bundle import as_bool, exit_on_bad_input
 from monai_iqt.data.subjects import Subject, inspect_subject, load_subject
 from monai_iqt.inference_plan import check_inference_settings
 from monai_iqt.inferers import DEFAULT_ROI_SIZE, make_inferer
@@ -37,7 +36,9 @@ from monai_iqt.metrics import (
 )
 from monai_iqt.outputs import check_writable
 from monai_iqt.reporting import mean_sd, model_table, paired_sentence, paired_wilcoxon, write_csv
-from preprocessing.io import InputError, write_json, write_text
+from preprocessing.errors import InputError, as_bool, exit_on_bad_input
+from preprocessing.geometry import block_any
+from preprocessing.io import write_json, write_text
 from preprocessing.layout import DT_HR, DT_LR, MASK_HR, MASK_LR, find_subjects
 
 log = logging.getLogger(__name__)
@@ -118,15 +119,6 @@ def model_facts(model: Model) -> dict[str, Any]:
     }
 
 
-def lr_brain_region(mask_hr: np.ndarray, factor: int) -> np.ndarray:
-    """LR voxels whose HR block touches the brain: where the model must predict."""
-    x, y, z = (s // factor for s in mask_hr.shape)
-    blocks = mask_hr[: x * factor, : y * factor, : z * factor].reshape(
-        x, factor, y, factor, z, factor
-    )
-    return blocks.any(axis=(1, 3, 5))
-
-
 def as_prediction(output: Any, name: str) -> Prediction:
     """A model's output as a :class:`Prediction`: an array, ``(mean, std)``, or a mapping with
     ``dt_hr`` and optionally ``dt_hr_std`` (the inference output names)."""
@@ -150,7 +142,7 @@ def predict_subject(
 ) -> dict[str, Prediction]:
     """HR predictions of every model and baseline for one subject."""
     predictions = {}
-    region = lr_brain_region(subject.mask_hr, subject.upscale_factor)
+    region = block_any(subject.mask_hr, subject.upscale_factor)
     for name, model in models.items():
         factor = getattr(model, "upscale_factor", subject.upscale_factor)
         if int(factor) != subject.upscale_factor:

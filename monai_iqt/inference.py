@@ -6,7 +6,7 @@
 :class:`~monai_iqt.inference_plan.InferencePlan` and writes it (:func:`predict_and_write`).
 :func:`run_inference` (settings to written files in one call) and :func:`inference` (the
 config's components applied from Python) serve Python callers. Functions a config evaluates are
-wrapped with :func:`~monai_iqt.bundle.exit_on_bad_input`, so bad input there is one sentence and
+wrapped with :func:`~preprocessing.errors.exit_on_bad_input`, so bad input there is one sentence and
 exit 2. The readers, writers and inferers are imported inside the functions, so importing this
 module (evaluate.json does, for :func:`network_settings`) loads none of them.
 """
@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from monai_iqt.bundle import as_bool, exit_on_bad_input
 from monai_iqt.inference_plan import InferencePlan, check_inference_settings, prepare_inference
-from preprocessing.io import InputError
+from preprocessing.errors import InputError, as_bool, exit_on_bad_input
+from preprocessing.geometry import repeat_blocks
 
 #: The logger name each log line shows (``logging.conf``: ``%(name)s``) and logging configs
 #: select by: the bundle's inference has logged as ``monai_iqt.bundle``.
@@ -74,7 +74,7 @@ def predict_and_write(
     ``dataset_description.json``; DWIs that could not be used are then one sentence (exit 2),
     after the others' outputs are written.
     """
-    from monai_iqt import bids, inferers, inputs, outputs
+    from monai_iqt import bids, inputs, outputs
     from preprocessing.geometry import hr_affine_from_lr
     from preprocessing.tensor_conventions import BIDS_ORDER
 
@@ -91,7 +91,7 @@ def predict_and_write(
             dt_hr, dt_std = volume_inferer.predict_with_std(item.dt_lr, region)
         else:
             dt_hr = volume_inferer(item.dt_lr, region)
-        mask_hr = inferers.repeat_blocks(region, r)
+        mask_hr = repeat_blocks(region, r)
         record = {
             **provenance,
             "input": str(item.source),

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from monai_iqt.bundle import as_bool, exit_on_bad_input
 from preprocessing import layout
-from preprocessing.io import InputError
+from preprocessing.errors import InputError, as_bool, exit_on_bad_input
 
 #: The logger name each log line shows (``logging.conf``: ``%(name)s``) and logging configs
 #: select by: the bundle's inference has logged as ``monai_iqt.bundle``.

@@ -1,7 +1,7 @@
 """What inference reads: an LR tensor image, a DWI to fit first, or a folder of subjects.
 
 Every check here runs before the model is loaded or anything is written, and every problem is
-one sentence naming the file (:class:`~preprocessing.io.InputError`). Tensors come out as
+one sentence naming the file (:class:`~preprocessing.errors.InputError`). Tensors come out as
 (X, Y, Z, 6) float32 mm^2/s in DIPY's order (``preprocessing.io.TENSOR_ELEMENTS``) in the image's
 voxel axes, whatever order and frame (``tensor_order``: dipy, fsl, mrtrix; see
 ``preprocessing.tensor_conventions``) the file used; a brain mask is taken from ``--mask``, found
@@ -21,9 +21,10 @@ from scipy import ndimage
 
 from preprocessing import io, layout
 from preprocessing.brain_mask import data_brain_mask
+from preprocessing.errors import InputError
 from preprocessing.geometry import voxel_sizes
 from preprocessing.gradients import read_gradient_table
-from preprocessing.io import InputError, load_nifti, read_nifti
+from preprocessing.io import load_nifti, read_nifti
 from preprocessing.tensor_conventions import TENSOR_ORDERS, to_voxel_frame
 from preprocessing.tensor_fit import B0_THRESHOLD, DEFAULT_BMAX, fit_dti
 

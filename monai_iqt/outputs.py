@@ -32,7 +32,8 @@ from dipy.reconst.dti import from_lower_triangular, lower_triangular
 
 from monai_iqt.maps import tensor_maps
 from preprocessing import layout
-from preprocessing.io import InputError, write_json
+from preprocessing.errors import InputError
+from preprocessing.io import write_json
 from preprocessing.tensor_conventions import TENSOR_ORDERS, from_voxel_frame, tensor_sidecar
 
 log = logging.getLogger(__name__)

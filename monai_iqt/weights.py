@@ -21,7 +21,7 @@ import torch
 
 from monai_iqt.data.normalise import NormalisationStats
 from monai_iqt.networks import ESPCN_RN
-from preprocessing.io import InputError
+from preprocessing.errors import InputError
 
 log = logging.getLogger(__name__)
 

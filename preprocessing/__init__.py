@@ -17,8 +17,9 @@ Public API:
 
 from importlib import import_module
 
+from preprocessing.errors import InputError
 from preprocessing.geometry import crop_to_multiple, hr_affine_from_lr, lr_affine_from_hr
-from preprocessing.io import TENSOR_ELEMENTS, InputError, save_nifti, write_json
+from preprocessing.io import TENSOR_ELEMENTS, save_nifti, write_json
 
 _LAZY = {
     "read_gradient_table": "preprocessing.gradients",

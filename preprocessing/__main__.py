@@ -11,9 +11,9 @@ import logging
 import sys
 
 from preprocessing import cli, mni152, mni152_anatomy
+from preprocessing.errors import EXIT_BAD_INPUT, InputError
 from preprocessing.hcp import preprocess_hcp
 from preprocessing.hcp_settings import PreprocessingOptions
-from preprocessing.io import InputError
 from preprocessing.synthetic import DEFAULT_SHAPE, VOXEL_SIZE_MM, write_synthetic_subjects
 from preprocessing.tensor_fit import B0_THRESHOLD, DEFAULT_BMAX, FIT_METHODS
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         return _hcp(args)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
 
 def _synthetic(args: argparse.Namespace) -> int:

@@ -58,8 +58,8 @@ def crop_volume(volume: np.ndarray, factor: int) -> np.ndarray:
 
 
 def hr_blocks(volume: np.ndarray, factor: int) -> np.ndarray:
-    """View of a (cropped) HR volume as LR voxels: shape ``(x, r, y, r, z, r, ...)``, the block of
-    LR voxel (i, j, k) at ``[i, :, j, :, k, :]``. Reduce over axes (1, 3, 5) for a per-LR-voxel value."""
+    """View of a (cropped) HR volume as LR voxels: shape ``(x, r, y, r, z, r, ...)``, the block
+    of LR voxel (i, j, k) at ``[i, :, j, :, k, :]``; reduce over axes (1, 3, 5) per LR voxel."""
     cropped = crop_volume(np.asarray(volume), factor)
     x, y, z = (size // factor for size in cropped.shape[:3])
     return cropped.reshape((x, factor, y, factor, z, factor) + cropped.shape[3:])

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from dipy.io.gradients import read_bvals_bvecs
 
-from preprocessing.io import InputError
+from preprocessing.errors import InputError
 
 #: Volumes with b below this are b0 (HCP's b0 volumes have b = 5 s/mm^2).
 B0_THRESHOLD = 100.0

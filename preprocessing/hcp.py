@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from preprocessing.brain_mask import data_brain_mask
+from preprocessing.errors import InputError
 from preprocessing.geometry import (
     crop_volume,
     downsample_mask,
@@ -57,7 +58,6 @@ from preprocessing.hcp_settings import (
 )
 from preprocessing.io import (
     TENSOR_ELEMENTS,
-    InputError,
     check_writable_folder,
     describe_os_error,
     remove_stale_temporaries,

@@ -16,16 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from preprocessing.errors import InputError
 from preprocessing.geometry import block_mean, crop_to_multiple, crop_volume, downsample_mask
 from preprocessing.gradients import read_gradient_table
 from preprocessing.hcp_settings import PreprocessingOptions
-from preprocessing.io import (
-    InputError,
-    check_fits_in_memory,
-    load_nifti,
-    read_nifti,
-    stack_volumes,
-)
+from preprocessing.io import check_fits_in_memory, load_nifti, read_nifti, stack_volumes
 from preprocessing.tensor_fit import CHUNK_VOXELS
 
 DIFFUSION_SUBDIR = Path("T1w") / "Diffusion"

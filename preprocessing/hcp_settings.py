@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from preprocessing.io import InputError
+from preprocessing.errors import InputError
 from preprocessing.layout import RECORD_NAME, read_record
 from preprocessing.tensor_fit import B0_THRESHOLD, DEFAULT_BMAX, check_fit_method
 

@@ -1,4 +1,4 @@
-"""On-disk conventions of monai-iqt: tensor element order, atomic writes, input errors.
+"""On-disk conventions of monai-iqt: tensor element order, atomic writes, NIfTI reading.
 
 Every NIfTI or JSON file the project writes goes through :func:`save_nifti` or
 :func:`write_json`, so a crash never leaves a truncated file under its final name.
@@ -23,6 +23,8 @@ import numpy as np
 from nibabel.openers import Opener
 from nibabel.volumeutils import apply_read_scaling
 
+from preprocessing.errors import InputError
+
 #: Order of the 6 unique diffusion tensor elements along the last (NIfTI) or channel (torch)
 #: axis: DIPY's lower-triangular order (``dipy.reconst.dti.lower_triangular``). Units mm^2/s;
 #: x, y, z are the image's voxel axes (see ``preprocessing.gradients`` for the bvecs frame).
@@ -36,10 +38,6 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
-
-
-class InputError(ValueError):
-    """Bad user input: the message is one sentence naming the file and the problem."""
 
 
 #: Temporary names are ``.<name>.<pid>.<random>.tmp<suffixes>``: unique per process, and the pid

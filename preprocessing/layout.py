@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from preprocessing.io import InputError
+from preprocessing.errors import InputError
 
 DT_LR = "dt_lr.nii.gz"
 DT_HR = "dt_hr.nii.gz"

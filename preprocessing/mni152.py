@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from preprocessing.io import InputError, save_nifti, write_json
+from preprocessing.errors import InputError
+from preprocessing.io import save_nifti, write_json
 from preprocessing.mni152_anatomy import (
     Deformation,
     Grid,

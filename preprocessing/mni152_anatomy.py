@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from preprocessing.io import InputError
+from preprocessing.errors import InputError
 from preprocessing.synthetic import cylinder_tensors
 
 NILEARN_HINT = "install the demo extra: pip install -e .[demo]"

@@ -22,7 +22,8 @@ from __future__ import annotations
 import numpy as np
 from dipy.reconst.dti import from_lower_triangular, lower_triangular
 
-from preprocessing.io import TENSOR_ELEMENTS, InputError
+from preprocessing.errors import InputError
+from preprocessing.io import TENSOR_ELEMENTS
 
 #: Element order of the 6-volume tensor files of each convention.
 TENSOR_ORDERS: dict[str, tuple[str, ...]] = {

@@ -24,8 +24,8 @@ import numpy as np
 from dipy.core.gradients import gradient_table
 from dipy.reconst.dti import TensorModel, common_fit_methods, from_lower_triangular
 
+from preprocessing.errors import InputError
 from preprocessing.gradients import B0_THRESHOLD, DEFAULT_BMAX
-from preprocessing.io import InputError
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import pytest
 from tiny_bundle import write_tiny_models
 
 from monai_iqt.inference import run_inference
-from preprocessing.io import InputError
+from preprocessing.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 INFERENCE_CONFIG = REPO / "bundles" / "iqt_espcn_rn" / "configs" / "inference.json"

@@ -22,8 +22,9 @@ from tiny_bundle import write_tiny_models
 from monai_iqt.evaluation import as_prediction, bundle_evaluate, evaluate
 from monai_iqt.figures import axial_orientation
 from monai_iqt.metrics import REGIONS
+from preprocessing.errors import InputError
 from preprocessing.geometry import lr_affine_from_hr
-from preprocessing.io import InputError, save_nifti, write_json
+from preprocessing.io import save_nifti, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 EVALUATE_CONFIG = REPO / "bundles" / "iqt_espcn_rn" / "configs" / "evaluate.json"

@@ -18,7 +18,8 @@ from monai_iqt.inferers import WholeBrainInferer, plan_windows
 from monai_iqt.inputs import inference_region, load_input
 from monai_iqt.networks import ESPCN_RN, VALID_SHRINK, fixed_dropout_masks
 from monai_iqt.weights import load_model
-from preprocessing.io import InputError, save_nifti
+from preprocessing.errors import InputError
+from preprocessing.io import save_nifti
 from preprocessing.synthetic import write_synthetic_subject
 
 REPO = Path(__file__).resolve().parents[1]

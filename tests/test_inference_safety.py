@@ -20,10 +20,10 @@ from dipy.reconst.dti import from_lower_triangular
 from tiny_bundle import MEAN, STD, write_tiny_models
 
 from monai_iqt.inference import run_inference
-from monai_iqt.inferers import repeat_blocks
 from monai_iqt.inputs import TENSOR_ORDERS, inference_region
-from preprocessing.geometry import hr_affine_from_lr
-from preprocessing.io import TENSOR_ELEMENTS, InputError, save_nifti
+from preprocessing.errors import InputError
+from preprocessing.geometry import hr_affine_from_lr, repeat_blocks
+from preprocessing.io import TENSOR_ELEMENTS, save_nifti
 from preprocessing.tensor_conventions import to_voxel_frame
 
 REPO = Path(__file__).resolve().parents[1]

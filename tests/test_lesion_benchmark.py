@@ -13,8 +13,8 @@ from tiny_bundle import write_tiny_models
 
 from monai_iqt.benchmark.lesion import LESION_MASK
 from monai_iqt.data.subjects import load_subject
-from monai_iqt.evaluation import lr_brain_region
 from monai_iqt.inferers import make_inferer
+from preprocessing.geometry import block_any
 from preprocessing.io import read_nifti
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -57,7 +57,7 @@ def test_lesion_table_matches_the_inferer_and_draws_both_maps(tmp_path: Path) ->
         for name in (subject, f"{subject}_lesion"):
             data = load_subject(pre / name)
             mean, std = inferer.predict_with_std(
-                data.dt_lr, lr_brain_region(data.mask_hr, data.upscale_factor)
+                data.dt_lr, block_any(data.mask_hr, data.upscale_factor)
             )
             inside = lesion_hr[: mean.shape[0], : mean.shape[1], : mean.shape[2]] & data.mask_hr
             error = np.abs(mean - data.dt_hr)[inside]

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from dipy.segment.mask import median_otsu
 
+from preprocessing.errors import InputError
 from preprocessing.hcp import preprocess_subject
 from preprocessing.hcp_settings import PreprocessingOptions
-from preprocessing.io import InputError
 from preprocessing.synthetic import write_synthetic_subject
 
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from monai_iqt.data import NormalisationStats, build_patch_data, valid_patch_starts
+from preprocessing.errors import InputError
 from preprocessing.geometry import lr_affine_from_hr
-from preprocessing.io import InputError, save_nifti, write_json
+from preprocessing.io import save_nifti, write_json
 
 FACTOR = 2
 HR_SHAPE = (32, 36, 30)

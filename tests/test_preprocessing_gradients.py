@@ -11,11 +11,12 @@ import pytest
 from dipy.data import get_fnames
 from dipy.reconst.dti import from_lower_triangular
 
+from preprocessing.errors import InputError
 from preprocessing.gradients import fsl_to_voxel_frame, read_gradient_table
 from preprocessing.hcp import preprocess_subject
 from preprocessing.hcp_inputs import DIFFUSION_SUBDIR
 from preprocessing.hcp_settings import PreprocessingOptions
-from preprocessing.io import InputError, save_nifti
+from preprocessing.io import save_nifti
 from preprocessing.layout import DT_HR, DT_LR, MASK_HR
 from preprocessing.synthetic import write_synthetic_subject
 from preprocessing.tensor_fit import fit_dti

@@ -8,12 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from preprocessing.io import (
-    InputError,
-    available_memory_bytes,
-    check_fits_in_memory,
-    read_volumes,
-)
+from preprocessing.errors import InputError
+from preprocessing.io import available_memory_bytes, check_fits_in_memory, read_volumes
 
 
 def _scaled_int16(path, shape=(6, 5, 4, 9), big_endian=False):

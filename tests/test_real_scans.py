@@ -20,7 +20,8 @@ from tiny_bundle import MEAN, STD, write_tiny_models
 
 from monai_iqt.inference import run_inference
 from monai_iqt.inputs import check_voxel_size, load_input
-from preprocessing.io import InputError, save_nifti
+from preprocessing.errors import InputError
+from preprocessing.io import save_nifti
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "iqt_espcn_rn"

@@ -26,7 +26,7 @@ from monai_iqt.study import bundle_study
 from monai_iqt.study.plan import check_same_training, unforwarded_settings
 from monai_iqt.study.report import CUBIC, METRICS_COLUMNS
 from monai_iqt.training.settings import compare_settings
-from preprocessing.io import InputError
+from preprocessing.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "iqt_espcn_rn" / "configs"

@@ -13,8 +13,9 @@ import pytest
 from test_patches import HR_AFFINE, write_subject
 
 from monai_iqt.data.subjects import inspect_subject, load_subject
+from preprocessing.errors import InputError
 from preprocessing.geometry import lr_affine_from_hr
-from preprocessing.io import InputError, save_nifti
+from preprocessing.io import save_nifti
 
 
 @pytest.fixture()

@@ -19,7 +19,7 @@ from training_commands import ENV, REPO, TRAIN_CONFIG, run_training, training_co
 
 from monai_iqt.training import check_settings
 from monai_iqt.training.settings import compare_settings
-from preprocessing.io import InputError
+from preprocessing.errors import InputError
 
 #: ESPCN (no reversible blocks), 1 run of 1 epoch on 3 x 10 patches: seconds.
 QUICK = {

@@ -28,7 +28,8 @@ from monai_iqt.evaluation import BASELINE_NAMES, predict_subject
 from monai_iqt.inferers import WholeBrainInferer, make_inferer
 from monai_iqt.metrics import RMSE_UNIT, coverage, voxel_rms
 from preprocessing import cli
-from preprocessing.io import InputError, read_nifti
+from preprocessing.errors import InputError
+from preprocessing.io import read_nifti
 
 LESION_MASK = Path("ground_truth") / "lesion_mask.nii.gz"
 COLUMNS = (

@@ -28,12 +28,12 @@ import torch
 from monai.data import CacheDataset, Dataset
 from monai.transforms import Transform
 
-from monai_iqt.bundle import input_error_cause
 from monai_iqt.data.normalise import NormalisationStats
 from monai_iqt.data.subjects import SubjectHeader, inspect_subject, load_subject
 from monai_iqt.networks.espcn import VALID_SHRINK
+from preprocessing.errors import InputError, choice, input_error_cause
 from preprocessing.geometry import hr_block
-from preprocessing.io import TENSOR_ELEMENTS, InputError
+from preprocessing.io import TENSOR_ELEMENTS
 from preprocessing.layout import check_subject_ids, find_subjects
 
 log = logging.getLogger(__name__)
@@ -231,14 +231,8 @@ def build_patch_data(
         raise InputError(f"lr_patch_size must be >= {2 * VALID_SHRINK + 1}, got {lr_patch_size}.")
     if not 0.0 < float(validation_fraction) < 1.0:
         raise InputError(f"validation_fraction must be in (0, 1), got {validation_fraction}.")
-    if target_scale not in TARGET_SCALES:
-        raise InputError(
-            f"target_scale must be one of {', '.join(TARGET_SCALES)}, got {target_scale!r}."
-        )
-    if target_region not in TARGET_REGIONS:
-        raise InputError(
-            f"target_region must be one of {', '.join(TARGET_REGIONS)}, got {target_region!r}."
-        )
+    choice("target_scale", target_scale, TARGET_SCALES)
+    choice("target_region", target_region, TARGET_REGIONS)
     held_out = [] if validation_subjects is None else check_subject_ids(validation_subjects)
     folders = find_subjects(dataset_dir, subjects)
     if subjects is None:  # every subject that is not a validation subject

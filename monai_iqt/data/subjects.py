@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from preprocessing.errors import InputError
 from preprocessing.geometry import lr_affine_from_hr, voxel_sizes
-from preprocessing.io import TENSOR_ELEMENTS, InputError, check_finite, load_nifti, read_nifti
+from preprocessing.io import TENSOR_ELEMENTS, check_finite, load_nifti, read_nifti
 from preprocessing.layout import DT_HR, DT_LR, MASK_HR, MASK_LR, RECORD_NAME, read_record
 
 #: Largest distance (mm) between an LR affine and the block grid of its HR affine: NIfTI stores

@@ -22,7 +22,6 @@ from monai_iqt.inferers.whole_brain import (
     WholeBrainInferer,
     default_device,
     make_inferer,
-    repeat_blocks,
 )
 
 __all__ = [
@@ -38,5 +37,4 @@ __all__ = [
     "make_inferer",
     "network_halo",
     "plan_windows",
-    "repeat_blocks",
 ]

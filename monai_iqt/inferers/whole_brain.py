@@ -27,19 +27,13 @@ from monai_iqt.inferers.halo import (
     network_halo,
 )
 from monai_iqt.networks.espcn import VALID_SHRINK
-from preprocessing.io import InputError
+from preprocessing.errors import InputError
+from preprocessing.geometry import repeat_blocks
 
 
 def default_device() -> torch.device:
     """CUDA when present, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def repeat_blocks(volume: np.ndarray, factor: int) -> np.ndarray:
-    """Each voxel repeated ``factor`` times along the first three axes (nearest upsampling)."""
-    for axis in range(3):
-        volume = np.repeat(volume, factor, axis=axis)
-    return volume
 
 
 class WholeBrainInferer:

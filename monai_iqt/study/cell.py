@@ -33,7 +33,8 @@ import numpy as np
 from monai_iqt import evaluation
 from monai_iqt.metrics import REGIONS
 from monai_iqt.study.plan import CELL_LOG, CELL_RECORD, Cell, StudyPlan
-from preprocessing.io import InputError, write_json
+from preprocessing.errors import InputError
+from preprocessing.io import write_json
 
 #: The study's one logger (its log lines keep the name they always had).
 log = logging.getLogger("monai_iqt.study")

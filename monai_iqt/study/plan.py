@@ -6,7 +6,7 @@ first k), ``validation_subjects`` (early stopping, restart selection and every c
 setting; none given: each training subject's ``validation_fraction`` of patches, the training
 bundle's fallback) and ``test_subjects`` (reported, never used for a choice); overlapping lists
 are refused. Every setting the cells would refuse is refused here in one sentence
-(:class:`~preprocessing.io.InputError`), and so are a finished cell recorded with other settings
+(:class:`~preprocessing.errors.InputError`), and so are a finished cell recorded with other settings
 or subjects and a study recorded before seeds existed (its cells are named without a seed).
 """
 
@@ -24,7 +24,7 @@ from monai_iqt.inference_plan import check_inference_settings
 from monai_iqt.inferers import DEFAULT_ROI_SIZE
 from monai_iqt.training.settings import RECORDED_SINCE, check_values
 from preprocessing import layout
-from preprocessing.io import InputError
+from preprocessing.errors import InputError
 
 CELLS_DIR = "cells"
 CELL_RECORD = "cell.json"

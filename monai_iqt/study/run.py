@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from monai_iqt import evaluation, figures
-from monai_iqt.bundle import exit_on_bad_input
 from monai_iqt.study.cell import evaluate_models, log_cell, read_cell_record, run_cell
 from monai_iqt.study.plan import (
     STUDY_RECORD,
@@ -41,7 +40,8 @@ from monai_iqt.study.report import (
     metrics_rows,
     write_tables,
 )
-from preprocessing.io import InputError, write_json
+from preprocessing.errors import InputError, exit_on_bad_input
+from preprocessing.io import write_json
 
 #: The study's one logger (its log lines keep the name they always had).
 log = logging.getLogger("monai_iqt.study")

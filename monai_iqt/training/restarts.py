@@ -38,7 +38,6 @@ from ignite.handlers import Checkpoint, EarlyStopping
 from monai.utils import set_determinism
 from tqdm import tqdm
 
-from monai_iqt.bundle import exit_on_bad_input
 from monai_iqt.data.patches import PatchData, build_patch_data
 from monai_iqt.training.distributed import (
     is_writer,
@@ -80,6 +79,7 @@ from monai_iqt.training.settings import (
     load_settings,
     trained_on,
 )
+from preprocessing.errors import exit_on_bad_input
 from preprocessing.io import write_json
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,8 @@ from monai_iqt.training.settings import (
     RUNS_FILE,
     existing_runs,
 )
-from preprocessing.io import InputError, remove_stale_temporaries
+from preprocessing.errors import InputError
+from preprocessing.io import remove_stale_temporaries
 
 if TYPE_CHECKING:  # restarts imports this module: the type only, not an import circle
     from monai_iqt.training.restarts import TrainingRun

@@ -27,17 +27,16 @@ import hashlib
 import json
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from monai_iqt.bundle import as_bool
 from monai_iqt.data.patches import TARGET_REGIONS, TARGET_SCALES
 from monai_iqt.losses import LOSSES
 from monai_iqt.networks.espcn import VALID_SHRINK
-from preprocessing.io import InputError
+from preprocessing.errors import InputError, as_bool, choice
 from preprocessing.layout import (
     RECORD_NAME,
     check_subject_ids,
@@ -120,14 +119,14 @@ def check_values(settings: Mapping[str, Any]) -> dict[str, Any]:
     checked["dropout_rate"] = _number(
         "dropout_rate", checked.get("dropout_rate", 0.0), low=0.0, high=1.0, low_inclusive=True
     )
-    loss = _choice("loss", checked.get("loss", "rmse"), LOSSES)
+    loss = choice("loss", checked.get("loss", "rmse"), LOSSES)
     if loss != "rmse" and not checked.get("predict_variance", False):
         raise InputError(
             f"setting loss {loss} trains a predicted variance: give --predict_variance true "
             "with it (or --loss rmse)."
         )
-    _choice("target_scale", checked.setdefault("target_scale", "channel"), TARGET_SCALES)
-    _choice("target_region", checked.setdefault("target_region", "brain"), TARGET_REGIONS)
+    choice("target_scale", checked.setdefault("target_scale", "channel"), TARGET_SCALES)
+    choice("target_region", checked.setdefault("target_region", "brain"), TARGET_REGIONS)
     if checked.get("amp") and not torch.cuda.is_available():
         raise InputError(
             "setting amp is true but no GPU is available: MONAI's trainer autocasts on CUDA "
@@ -358,12 +357,6 @@ def _number(
     if not (math.isfinite(number) and above and number < high):
         raise InputError(f"setting {name} must be a number in {interval}, got {value!r}.")
     return number
-
-
-def _choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise InputError(f"setting {name} must be one of {', '.join(choices)}, got {value!r}.")
-    return value
 
 
 def _flag(name: str, value: Any) -> bool:

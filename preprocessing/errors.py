@@ -1,25 +1,28 @@
-"""The command-line boundary of the bundle's ``run`` entries: flags, and bad input as exit 2.
+"""Bad input, the ground floor of both packages: the error, its one-sentence exit, setting parsing.
 
-``python -m monai.bundle run`` evaluates config expressions; an entry wrapped with
-:func:`exit_on_bad_input` turns the project's :class:`~preprocessing.io.InputError` (one sentence
-naming the file or setting) into that sentence on stderr and exit code 2, wherever the error was
-raised, including inside MONAI's config parser or dataset wrappers, which re-raise it as the
-cause of their own exceptions.
+Every check of user input raises :class:`InputError` with one sentence naming the file or the
+setting and the problem. Commands turn it into ``error: <sentence>`` on stderr and exit code
+:data:`EXIT_BAD_INPUT` (``python -m preprocessing`` in its ``main``, the bundle's ``run`` entries
+through :func:`exit_on_bad_input`, which also finds the error when MONAI's config parser or
+dataset wrappers re-raise it as the cause of their own exceptions). Nothing here imports
+anything of the project, so every module may import it.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from preprocessing.io import InputError
-
-#: Exit code of every project command on bad input (as ``python -m preprocessing``).
+#: Exit code of every project command on bad input.
 EXIT_BAD_INPUT = 2
 
 T = TypeVar("T")
+
+
+class InputError(ValueError):
+    """Bad user input: the message is one sentence naming the file and the problem."""
 
 
 def as_bool(value: bool | str | int) -> bool:
@@ -35,6 +38,13 @@ def as_bool(value: bool | str | int) -> bool:
     raise InputError(f"expected true or false, got {value!r}.")
 
 
+def choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``, else one sentence naming the setting."""
+    if value not in choices:
+        raise InputError(f"setting {name} must be one of {', '.join(choices)}, got {value!r}.")
+    return value
+
+
 def input_error_cause(error: BaseException | None) -> InputError | None:
     """The :class:`InputError` behind ``error`` (itself, or along its cause/context chain)."""
     seen = set()
@@ -47,7 +57,7 @@ def input_error_cause(error: BaseException | None) -> InputError | None:
 
 
 def exit_on_bad_input(function: Callable[..., T]) -> Callable[..., T]:
-    """Wrap a bundle entry: bad input prints ``error: <sentence>`` and exits with code 2."""
+    """Wrap a command's entry: bad input prints ``error: <sentence>`` and exits with code 2."""
 
     @functools.wraps(function)
     def entry(*args: Any, **kwargs: Any) -> T:
