@@ -28,11 +28,20 @@ def modules() -> dict[str, Path]:
     return found
 
 
+def _runtime_nodes(node: ast.AST):
+    """Every node but those under ``if TYPE_CHECKING:`` (imports for annotations only)."""
+    yield node
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.If) and getattr(child.test, "id", None) == "TYPE_CHECKING":
+            continue
+        yield from _runtime_nodes(child)
+
+
 def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
-    """Project modules ``name`` imports anywhere in its file (function-level imports included)."""
+    """Project modules ``name`` imports when it runs, function-level imports included."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
