@@ -160,6 +160,6 @@ def test_matplotlib_backend_is_chosen_by_entry_points_only():
 
 def test_architecture_docs_name_every_module():
     text = ARCHITECTURE.read_text()
-    named = set(re.findall(r"`([a-z_]+(?:\.[a-z_]+)*)`", text))
+    named = set(re.findall(r"`([a-z_0-9]+(?:\.[a-z_0-9]+)*)`", text))
     missing = sorted(name for name in modules() if name not in named)
     assert missing == []
