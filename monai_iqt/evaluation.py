@@ -21,10 +21,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from monai_iqt import figures
+from monai_iqt import defaults, figures
 from monai_iqt.data.subjects import Subject, inspect_subject, load_subject
 from monai_iqt.inference_plan import check_inference_settings
-from monai_iqt.inferers import DEFAULT_ROI_SIZE, make_inferer
+from monai_iqt.inferers import make_inferer
 from monai_iqt.metrics import (
     BASELINE_ORDERS,
     REGIONS,
@@ -243,7 +243,7 @@ def evaluate(
     inferers: Mapping[str, Model] | None = None,
     subjects: Sequence[str] | None = None,
     methods: Sequence[str] = ("nearest", "trilinear", "cubic"),
-    interior_radius: int = 2,
+    interior_radius: int = defaults.INTERIOR_RADIUS,
     compare: Sequence[str] | None = None,
     figure_subject: str | None = None,
 ) -> EvaluationResult:
@@ -391,10 +391,10 @@ def bundle_evaluate(
     output_dir: str | os.PathLike,
     model_path: str | os.PathLike | None,
     normalisation_path: str | os.PathLike | None,
-    roi_size: Sequence[int] | int = DEFAULT_ROI_SIZE,
-    sw_batch_size: int = 1,
+    roi_size: Sequence[int] | int = defaults.ROI_SIZE,
+    sw_batch_size: int = defaults.SW_BATCH_SIZE,
     device: str | None = None,
-    baselines_only: bool = False,
+    baselines_only: bool = defaults.BASELINES_ONLY,
     inferer: Model | None = None,
     inferer_options: Mapping[str, Any] | None = None,
     **kwargs: Any,
@@ -420,12 +420,12 @@ def bundle_evaluate(
             options = dict(inferer_options or {})
             # the inference entry's own checks; evaluation reads DIPY-ordered dt_lr, no repair
             check_inference_settings(
-                options.get("inference_mode", "whole_volume"),
+                options.get("inference_mode", defaults.INFERENCE_MODE),
                 roi_size,
                 sw_batch_size,
                 tensor_order="dipy",
                 repair_tensors=False,
-                mc_samples=options.get("mc_samples", 1),
+                mc_samples=options.get("mc_samples", defaults.MC_SAMPLES),
                 normalisation_path=normalisation_path,
             )
             inferer = make_inferer(

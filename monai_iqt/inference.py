@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from monai_iqt import defaults
 from monai_iqt.inference_plan import InferencePlan, check_inference_settings, prepare_inference
 from preprocessing.errors import InputError, as_bool, exit_on_bad_input
 from preprocessing.geometry import repeat_blocks
@@ -64,7 +65,7 @@ def predict_and_write(
     writer: Any,
     plan: InferencePlan,
     provenance: dict,
-    tensor_order: str = "dipy",
+    tensor_order: str = defaults.TENSOR_ORDER,
     output_tensor_order: Any = None,
 ) -> dict[str, dict[str, Path]]:
     """Super-resolve each validated input and write its files (tensors in the input's
@@ -150,15 +151,15 @@ def run_inference(
     mask: Any = None,
     bvals: Any = None,
     bvecs: Any = None,
-    roi_size: Any = 96,
-    sw_batch_size: int = 1,
+    roi_size: Any = defaults.ROI_SIZE,
+    sw_batch_size: int = defaults.SW_BATCH_SIZE,
     device: Any = None,
-    inference_mode: str = "whole_volume",
-    tensor_order: str = "dipy",
-    repair_tensors: bool = False,
-    mc_samples: int = 1,
+    inference_mode: str = defaults.INFERENCE_MODE,
+    tensor_order: str = defaults.TENSOR_ORDER,
+    repair_tensors: bool = defaults.REPAIR_TENSORS,
+    mc_samples: int = defaults.MC_SAMPLES,
     predict_variance: bool | None = None,
-    seed: int = 0,
+    seed: int = defaults.SEED,
     output_tensor_order: str | None = None,
     voxel_size_mismatch: str | None = None,
 ) -> dict[str, dict[str, Path]]:
@@ -229,10 +230,10 @@ def inference(
     mask: Any = None,
     bvals: Any = None,
     bvecs: Any = None,
-    tensor_order: str = "dipy",
+    tensor_order: str = defaults.TENSOR_ORDER,
     device: Any = None,
-    mc_samples: int = 1,
-    seed: int = 0,
+    mc_samples: int = defaults.MC_SAMPLES,
+    seed: int = defaults.SEED,
     output_tensor_order: Any = None,
     voxel_size_mismatch: Any = None,
 ) -> dict[str, dict[str, Path]]:
@@ -282,9 +283,9 @@ class InferenceEvaluator:
         model_path: Any,
         normalisation_path: Any,
         device: Any = None,
-        mc_samples: int = 1,
-        seed: int = 0,
-        tensor_order: str = "dipy",
+        mc_samples: int = defaults.MC_SAMPLES,
+        seed: int = defaults.SEED,
+        tensor_order: str = defaults.TENSOR_ORDER,
         output_tensor_order: Any = None,
     ) -> None:
         self.dataset = dataset

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from monai_iqt import defaults
 from preprocessing import layout
 from preprocessing.errors import InputError, as_bool, exit_on_bad_input
 
@@ -124,7 +125,7 @@ def prepare_inference(
     mask: Any = None,
     bvals: Any = None,
     bvecs: Any = None,
-    tensor_order: str = "dipy",
+    tensor_order: str = defaults.TENSOR_ORDER,
     normalisation_path: Any = None,
     voxel_size_mismatch: Any = None,
     load: Callable[..., Any] | None = None,
@@ -221,7 +222,7 @@ class LoadInferenceInput:
     """The inference ``preprocessing``: one input loaded and checked in ``tensor_order``
     (:func:`monai_iqt.inputs.load_input`: a tensor image, or a DWI fitted with DIPY)."""
 
-    def __init__(self, tensor_order: str = "dipy") -> None:
+    def __init__(self, tensor_order: str = defaults.TENSOR_ORDER) -> None:
         self.tensor_order = tensor_order
 
     def __call__(

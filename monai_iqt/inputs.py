@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from monai_iqt import defaults
 from preprocessing import io, layout
 from preprocessing.brain_mask import data_brain_mask
 from preprocessing.errors import InputError
@@ -185,7 +186,7 @@ def load_input(
     bvecs: str | os.PathLike | None = None,
     name: str | None = None,
     bmax: float = DEFAULT_BMAX,
-    tensor_order: str = "dipy",
+    tensor_order: str = defaults.TENSOR_ORDER,
 ) -> InferenceInput:
     """Validate and load an LR tensor NIfTI, or a DWI NIfTI whose tensor is fitted with DIPY.
 

@@ -30,6 +30,7 @@ import nibabel as nib
 import numpy as np
 from dipy.reconst.dti import from_lower_triangular, lower_triangular
 
+from monai_iqt import defaults
 from monai_iqt.maps import tensor_maps
 from preprocessing import layout
 from preprocessing.errors import InputError
@@ -310,7 +311,7 @@ class PredictionWriter:
     entries (the input, what was done to its resolution) added to every sidecar.
     """
 
-    def __init__(self, repair_tensors: bool = False) -> None:
+    def __init__(self, repair_tensors: bool = defaults.REPAIR_TENSORS) -> None:
         self.repair_tensors = bool(repair_tensors)
 
     def __call__(

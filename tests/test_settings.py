@@ -298,3 +298,42 @@ def test_argparse_commands_name_the_nearest_option(capsys: pytest.CaptureFixture
     assert benchmark.main(["lesoin"]) == 2
     error = capsys.readouterr().err
     assert error.endswith("unknown benchmark lesoin; the nearest benchmark is lesion\n")
+
+
+def _documented_defaults() -> dict[str, set[str]]:
+    """Setting name -> the default texts its rows in settings.md give (backticks removed)."""
+    found: dict[str, set[str]] = {}
+    for line in SETTINGS_DOCS.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or len(cells) < 3:
+            continue
+        names = re.findall(r"`(\w+)`", cells[0])
+        values = [v.strip().strip("`") for v in cells[1].split(", ")]
+        if len(names) == len(values):
+            for name, value in zip(names, values):
+                found.setdefault(name, set()).add(value)
+    return found
+
+
+def test_library_defaults_are_the_configs_defaults_and_the_docs():
+    """A setting with a library default has it once, in monai_iqt.defaults: the configs read it
+    by the setting's own name (a preset such as study_cpu.json may set another value, never the
+    same one), each is read by a config, and settings.md shows its value."""
+    from monai_iqt import defaults
+
+    names = {n for n in vars(defaults) if n.isupper()}
+    read = set()
+    for path in config_files():
+        for key, value in json.loads(path.read_text()).items():
+            match = re.fullmatch(r"\$monai_iqt\.defaults\.(\w+)", str(value))
+            if match:
+                assert match.group(1) == key.upper(), f"{path.name}: {key} reads {value}"
+                read.add(match.group(1))
+            elif key.upper() in names and value == getattr(defaults, key.upper()):
+                raise AssertionError(f"{path.name}: {key} = {value!r} repeats a library default")
+    assert read == names
+    documented = _documented_defaults()
+    for name in sorted(names):
+        value = getattr(defaults, name)
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        assert documented.get(name.lower()) == {text}, name

@@ -27,8 +27,9 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from monai_iqt import defaults
 from monai_iqt.data.normalise import NormalisationStats
-from monai_iqt.inferers import DEFAULT_ROI_SIZE, HaloExactInferer, WholeBrainInferer
+from monai_iqt.inferers import HaloExactInferer, WholeBrainInferer
 from monai_iqt.networks import ESPCN_RN
 from monai_iqt.weights import file_sha256
 from preprocessing import cli
@@ -172,7 +173,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shape", type=int, nargs=3, default=(72, 87, 72), help="LR volume")
     parser.add_argument("--num-blocks", type=int, default=0, help="N of ESPCN-RN-N (0: ESPCN)")
     parser.add_argument(
-        "--roi-size", type=int, default=DEFAULT_ROI_SIZE, help="largest window (LR voxels)"
+        "--roi-size", type=int, default=defaults.ROI_SIZE, help="largest window (LR voxels)"
     )
     parser.add_argument("--sw-batch-size", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds")

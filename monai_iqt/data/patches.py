@@ -28,6 +28,7 @@ import torch
 from monai.data import CacheDataset, Dataset
 from monai.transforms import Transform
 
+from monai_iqt import defaults
 from monai_iqt.data.normalise import NormalisationStats
 from monai_iqt.data.subjects import SubjectHeader, inspect_subject, load_subject
 from monai_iqt.networks.espcn import VALID_SHRINK
@@ -104,7 +105,7 @@ class ExtractPatchPair(Transform):
         volumes: Sequence[dict[str, Any]],
         lr_patch_size: int,
         stats: NormalisationStats | None = None,
-        target_region: str = "patch",
+        target_region: str = defaults.TARGET_REGION,
     ) -> None:
         self.volumes = volumes
         self.lr_patch_size = lr_patch_size
@@ -194,15 +195,15 @@ class PatchData:
 def build_patch_data(
     dataset_dir: str | Path,
     subjects: Sequence[str] | None = None,
-    patches_per_subject: int = 2250,
-    lr_patch_size: int = 11,
-    validation_fraction: float = 0.2,
-    seed: int = 0,
-    num_workers: int = 0,
-    target_scale: str = "channel",
-    target_region: str = "brain",
+    patches_per_subject: int = defaults.PATCHES_PER_SUBJECT,
+    lr_patch_size: int = defaults.LR_PATCH_SIZE,
+    validation_fraction: float = defaults.VALIDATION_FRACTION,
+    seed: int = defaults.SEED,
+    num_workers: int = defaults.NUM_WORKERS,
+    target_scale: str = defaults.TARGET_SCALE,
+    target_region: str = defaults.TARGET_REGION,
     validation_subjects: Sequence[str] | None = None,
-    cache_patches: bool = False,
+    cache_patches: bool = defaults.CACHE_PATCHES,
 ) -> PatchData:
     """Sample ``patches_per_subject`` seeded patch pairs per subject, split them 80/20 and
     compute the normalisation statistics on the training patches (targets scaled per channel,

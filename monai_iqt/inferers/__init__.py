@@ -8,7 +8,6 @@ their HR prediction around it (padding, normalisation, brain mask, Monte Carlo d
 """
 
 from monai_iqt.inferers.halo import (
-    DEFAULT_ROI_SIZE,
     INFERENCE_MODES,
     PATCH_BATCH,
     PATCH_SIZE,
@@ -25,7 +24,6 @@ from monai_iqt.inferers.whole_brain import (
 )
 
 __all__ = [
-    "DEFAULT_ROI_SIZE",
     "INFERENCE_MODES",
     "PATCH_BATCH",
     "PATCH_SIZE",

@@ -22,15 +22,11 @@ import numpy as np
 import torch
 from monai.inferers import Inferer, SlidingWindowSplitter
 
+from monai_iqt import defaults
 from monai_iqt.networks.espcn import VALID_SHRINK
 
 #: The package's name, as each log line shows it (``logging.conf``: ``%(name)s``).
 log = logging.getLogger("monai_iqt.inferers")
-
-#: Largest window side in LR voxels: an HCP brain at 2.5 mm (72 x 87 x 72) fits in one window
-#: (its memory: the bundle's docs/performance.md). Smaller windows bound memory further (each
-#: window costs 2 * halo voxels of overlap per axis).
-DEFAULT_ROI_SIZE = 96
 
 #: Inference modes: one exact pass over the volume (in windows), or the paper's patch stitching.
 INFERENCE_MODES = ("whole_volume", "patches")
@@ -99,9 +95,9 @@ class HaloExactInferer(Inferer):
 
     def __init__(
         self,
-        roi_size: Sequence[int] | int = DEFAULT_ROI_SIZE,
-        sw_batch_size: int = 1,
-        inference_mode: str = "whole_volume",
+        roi_size: Sequence[int] | int = defaults.ROI_SIZE,
+        sw_batch_size: int = defaults.SW_BATCH_SIZE,
+        inference_mode: str = defaults.INFERENCE_MODE,
         patch_size: int = PATCH_SIZE,
         sw_device: torch.device | str | None = None,
     ) -> None:

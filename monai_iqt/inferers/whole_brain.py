@@ -17,10 +17,10 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from monai_iqt import defaults
 from monai_iqt.data.normalise import NormalisationStats
 from monai_iqt.engine.dropout import dropout_layers, fixed_dropout_masks
 from monai_iqt.inferers.halo import (
-    DEFAULT_ROI_SIZE,
     HaloExactInferer,
     InferenceCounts,
     bundle_window,
@@ -65,13 +65,13 @@ class WholeBrainInferer:
         network: torch.nn.Module,
         stats: NormalisationStats,
         upscale_factor: int = 2,
-        roi_size: Sequence[int] | int = DEFAULT_ROI_SIZE,
-        sw_batch_size: int = 1,
+        roi_size: Sequence[int] | int = defaults.ROI_SIZE,
+        sw_batch_size: int = defaults.SW_BATCH_SIZE,
         device: torch.device | str | None = None,
         inferer: HaloExactInferer | None = None,
-        inference_mode: str = "whole_volume",
-        mc_samples: int = 1,
-        seed: int = 0,
+        inference_mode: str = defaults.INFERENCE_MODE,
+        mc_samples: int = defaults.MC_SAMPLES,
+        seed: int = defaults.SEED,
     ) -> None:
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
             raise InputError(f"mc_samples must be an integer >= 1, got {mc_samples!r}.")
@@ -207,12 +207,12 @@ def _brain_or_nonzero(dt_lr: np.ndarray, brain_lr: np.ndarray | None) -> np.ndar
 def make_inferer(
     model_path,
     normalisation_path,
-    roi_size: Sequence[int] | int = DEFAULT_ROI_SIZE,
-    sw_batch_size: int = 1,
+    roi_size: Sequence[int] | int = defaults.ROI_SIZE,
+    sw_batch_size: int = defaults.SW_BATCH_SIZE,
     device: torch.device | str | None = None,
-    inference_mode: str = "whole_volume",
-    mc_samples: int = 1,
-    seed: int = 0,
+    inference_mode: str = defaults.INFERENCE_MODE,
+    mc_samples: int = defaults.MC_SAMPLES,
+    seed: int = defaults.SEED,
 ) -> WholeBrainInferer:
     """The bundle's volume inferer: weights and statistics loaded as one unit (``weights``)."""
     from monai_iqt.weights import load_model

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from monai_iqt import evaluation
+from monai_iqt import defaults, evaluation
 from monai_iqt.metrics import REGIONS
 from monai_iqt.study.plan import CELL_LOG, CELL_RECORD, Cell, StudyPlan
 from preprocessing.errors import InputError
@@ -156,7 +156,7 @@ def evaluate_models(
     subjects: Sequence[str],
     inferers: Mapping[str, Any],
     methods: Sequence[str] = (),
-    interior_radius: int = 2,
+    interior_radius: int = defaults.INTERIOR_RADIUS,
 ) -> list[dict[str, Any]]:
     """RMSE rows ``{subject, model, interior, exterior, total}`` (1e-5 mm^2/s) of the models
     and interpolation baselines on the test subjects (the evaluation library, nothing written)."""

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from monai_iqt import evaluation
+from monai_iqt import defaults, evaluation
 from monai_iqt.inference_plan import check_inference_settings
-from monai_iqt.inferers import DEFAULT_ROI_SIZE
 from monai_iqt.training.settings import RECORDED_SINCE, check_values
 from preprocessing import layout
 from preprocessing.errors import InputError
@@ -259,12 +258,12 @@ def check_inferer_options(options: Mapping[str, Any], cell_overrides: Mapping[st
     """The bundle inference's own checks of the cells' inference settings, made before any
     cell is trained: e.g. ``mc_samples`` > 1 for cells trained without dropout."""
     check_inference_settings.__wrapped__(
-        options.get("inference_mode", "whole_volume"),
-        options.get("roi_size", DEFAULT_ROI_SIZE),
-        options.get("sw_batch_size", 1),
+        options.get("inference_mode", defaults.INFERENCE_MODE),
+        options.get("roi_size", defaults.ROI_SIZE),
+        options.get("sw_batch_size", defaults.SW_BATCH_SIZE),
         tensor_order="dipy",
         repair_tensors=False,
-        mc_samples=options.get("mc_samples", 1),
+        mc_samples=options.get("mc_samples", defaults.MC_SAMPLES),
         dropout_rate=check_values(cell_overrides)["dropout_rate"],
     )
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from monai_iqt import evaluation, figures
+from monai_iqt import defaults, evaluation, figures
 from monai_iqt.study.cell import evaluate_models, log_cell, read_cell_record, run_cell
 from monai_iqt.study.plan import (
     STUDY_RECORD,
@@ -59,10 +59,10 @@ def run_study(
     train_config: str | os.PathLike = "configs/train.json",
     cell_overrides: Mapping[str, Any] | None = None,
     device: str | None = None,
-    interior_radius: int = 2,
+    interior_radius: int = defaults.INTERIOR_RADIUS,
     inferer_options: Mapping[str, Any] | None = None,
-    memory_batch_size: int = 2,
-    memory_steps: int = 3,
+    memory_batch_size: int = defaults.MEMORY_BATCH_SIZE,
+    memory_steps: int = defaults.MEMORY_STEPS,
     validation_subjects: Any = None,
     seeds: Any = (0,),
 ) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from monai_iqt import defaults
 from monai_iqt.data.patches import TARGET_REGIONS, TARGET_SCALES
 from monai_iqt.losses import LOSSES
 from monai_iqt.networks.espcn import VALID_SHRINK
@@ -117,16 +118,22 @@ def check_values(settings: Mapping[str, Any]) -> dict[str, Any]:
             "validation_fraction", checked["validation_fraction"], low=0.0, high=1.0
         )
     checked["dropout_rate"] = _number(
-        "dropout_rate", checked.get("dropout_rate", 0.0), low=0.0, high=1.0, low_inclusive=True
+        "dropout_rate",
+        checked.get("dropout_rate", defaults.DROPOUT_RATE),
+        low=0.0,
+        high=1.0,
+        low_inclusive=True,
     )
-    loss = choice("loss", checked.get("loss", "rmse"), LOSSES)
+    loss = choice("loss", checked.get("loss", defaults.LOSS), LOSSES)
     if loss != "rmse" and not checked.get("predict_variance", False):
         raise InputError(
             f"setting loss {loss} trains a predicted variance: give --predict_variance true "
             "with it (or --loss rmse)."
         )
-    choice("target_scale", checked.setdefault("target_scale", "channel"), TARGET_SCALES)
-    choice("target_region", checked.setdefault("target_region", "brain"), TARGET_REGIONS)
+    choice("target_scale", checked.setdefault("target_scale", defaults.TARGET_SCALE), TARGET_SCALES)
+    choice(
+        "target_region", checked.setdefault("target_region", defaults.TARGET_REGION), TARGET_REGIONS
+    )
     if checked.get("amp") and not torch.cuda.is_available():
         raise InputError(
             "setting amp is true but no GPU is available: MONAI's trainer autocasts on CUDA "
