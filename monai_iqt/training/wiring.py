@@ -12,16 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from ignite.engine import Engine
 
+from monai_iqt.inferers import default_device
 from monai_iqt.training.handlers import every_n_iterations, on_terminal
 from preprocessing.layout import check_subject_ids
 
 
 def device_name() -> str:
-    """The ``device`` setting's default: "cuda" when a GPU is present, else "cpu"."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The ``device`` setting's default: the inference's :func:`default_device`, as its name."""
+    return default_device().type
 
 
 def checked_subjects(subjects: Any) -> list[str] | None:
