@@ -24,7 +24,7 @@ import pytest
 from monai_iqt.data import NormalisationStats
 from monai_iqt.study import bundle_study
 from monai_iqt.study.plan import check_same_training, unforwarded_settings
-from monai_iqt.study.report import CUBIC, METRICS_COLUMNS
+from monai_iqt.study.report import CUBIC, METRICS_COLUMNS, convergence_table
 from monai_iqt.training.settings import compare_settings
 from preprocessing.errors import InputError
 
@@ -298,6 +298,8 @@ def test_study_writes_the_fig4_table_metrics_and_figures(reference: Path) -> Non
         assert record["seed"] == int(seed)
         assert set(record["seconds"]) == {"patches", "step", "validation", "other", "setup"}
         assert record["seconds"]["step"] > 0 and record["evaluation"]["seconds"] > 0
+        # the exported run's validation curve (runs.json) ends at normalisation.json's best
+        assert record["val_rmse_by_epoch"] == [pytest.approx(extra["best_val_rmse"])]
         # the training log: one line per epoch, no progress bar redrawn
         training_log = (cell_dir / "training.log").read_text()
         assert training_log.count("epoch 1/1: ") == 1 and "\r" not in training_log
@@ -316,6 +318,15 @@ def test_study_writes_the_fig4_table_metrics_and_figures(reference: Path) -> Non
     assert f"| ESPCN-RN1 | 1 | 2 | {100 * change:+.1f} % |" in summary
     assert "no p: n = 2 is too small" in summary
     assert "## Time" in summary and "| all | " in summary and "| Fig. 6 memory" in summary
+    assert "| Model | Subjects (TVS) | Seeds | epoch 1 | best epoch per seed |" in summary
+    for model, cells in (("ESPCN", CELLS[:2]), ("ESPCN-RN1", CELLS[2:])):
+        curves = [
+            json.loads((reference / "cells" / c / "cell.json").read_text())["val_rmse_by_epoch"]
+            for c in cells
+        ]
+        first = [curve[0] for curve in curves]
+        shown = f"{statistics.mean(first):.3f} ± {statistics.stdev(first):.3f}"
+        assert f"| {model} | 1 | 2 | {shown} | 1, 1 |" in summary
 
     stdout = (reference / "stdout.txt").read_text()
     finished = [line for line in stdout.splitlines() if "finished: test RMSE interior" in line]
@@ -329,6 +340,27 @@ def test_study_writes_the_fig4_table_metrics_and_figures(reference: Path) -> Non
     assert by_mode[(1, True)]["saved_peak_bytes"] < by_mode[(1, False)]["saved_peak_bytes"]
     for name in ("rmse_vs_depth.png", "memory_time_vs_depth.png"):
         assert (reference / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_convergence_table_shows_spaced_epochs_over_seeds_and_each_seeds_best_epoch() -> None:
+    falling = [0.40, 0.30, 0.25, 0.22, 0.20, 0.19, 0.18, 0.17]  # still improving at epoch 8
+    turned = [0.38, 0.28, 0.24, 0.21, 0.19, 0.20, 0.21, 0.22]  # lowest at epoch 5
+    records = [
+        {"model": "ESPCN-RN2", "depth": 2, "tvs": 3, "val_rmse_by_epoch": falling},
+        {"model": "ESPCN-RN2", "depth": 2, "tvs": 3, "val_rmse_by_epoch": turned},
+        {"model": "ESPCN", "depth": 0, "tvs": 3, "val_rmse_by_epoch": falling},
+        {"model": "ESPCN", "depth": 0, "tvs": 3},  # a record without a curve adds nothing
+    ]
+    lines = convergence_table(records)
+    epochs = (1, 2, 4, 5, 7, 8)  # six evenly spaced epochs of 8, rounded
+    header = "| Model | Subjects (TVS) | Seeds | " + " | ".join(f"epoch {e}" for e in epochs)
+    assert lines[2] == header + " | best epoch per seed |"
+    assert lines[4].startswith("| ESPCN | 3 | 1 | 0.400 | 0.300 | 0.220 |")
+    assert lines[4].endswith("| 0.170 | 8 |")
+    pairs = [(falling[e - 1], turned[e - 1]) for e in epochs]
+    shown = [f"{statistics.mean(p):.3f} ± {statistics.stdev(p):.3f}" for p in pairs]
+    assert lines[5] == "| ESPCN-RN2 | 3 | 2 | " + " | ".join(shown) + " | 8, 5 |"
+    assert convergence_table([{"model": "ESPCN", "depth": 0, "tvs": 3}]) == []
 
 
 @pytest.mark.slow

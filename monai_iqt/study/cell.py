@@ -33,6 +33,7 @@ import numpy as np
 from monai_iqt import defaults, evaluation
 from monai_iqt.metrics import REGIONS
 from monai_iqt.study.plan import CELL_LOG, CELL_RECORD, Cell, StudyPlan
+from monai_iqt.training.runs import best_record
 from preprocessing.errors import InputError
 from preprocessing.io import write_json
 
@@ -197,6 +198,18 @@ def _best_val_rmse(cell_dir: Path) -> float | None:
         return None
 
 
+def validation_curve(cell_dir: Path) -> list[float]:
+    """Validation RMSE after each epoch of the cell's exported run (the best of its restarts,
+    ``runs/runs.json``); empty where the runs record none. It shows whether a cell's training
+    had converged or was still improving when its epochs ran out."""
+    try:
+        summary = json.loads((cell_dir / "runs" / "runs.json").read_text())
+        history = best_record(summary).get("history") or []
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return []
+    return [float(entry["val_rmse"]) for entry in history if entry.get("val_rmse") is not None]
+
+
 def _training_times(cell_dir: Path, training_seconds: float) -> dict[str, float]:
     """A cell's training time split as its runs recorded it (``runs.json``: patches, step,
     validation, other, per epoch), ``setup`` being the rest of the subprocess's wall time
@@ -231,6 +244,7 @@ def run_cell(plan: StudyPlan, cell: Cell, record: dict[str, Any] | None) -> dict
     cell_dir = plan.cell_dir(cell)
     if record is not None:
         record["skipped"] = True
+        record["val_rmse_by_epoch"] = validation_curve(cell_dir)
         if record["evaluation"]["settings"] == plan.evaluation:
             return record
     else:
@@ -255,6 +269,7 @@ def run_cell(plan: StudyPlan, cell: Cell, record: dict[str, Any] | None) -> dict
             "training": training,
             "model_sha256": sha256_of(cell_dir / "models" / "model.pt"),
             "best_val_rmse": _best_val_rmse(cell_dir),
+            "val_rmse_by_epoch": validation_curve(cell_dir),
             "training_seconds": round(seconds, 1),
             "seconds": _training_times(cell_dir, seconds),
         }
