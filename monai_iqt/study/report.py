@@ -100,7 +100,8 @@ def summary_markdown(
     records: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     """The Fig. 4 table (mean ± sd over seeds of the test-subject mean), the paired comparisons
-    against the ESPCN of the same TVS over (subject, seed) pairs, and the time breakdown."""
+    against the ESPCN of the same TVS over (subject, seed) pairs, the cells' validation curves
+    (from ``records``) and the time breakdown."""
     models = _models(rows)
     cubic = cubic_means(rows)
     cells = []
@@ -195,7 +196,7 @@ def convergence_table(records: Sequence[Mapping[str, Any]], columns: int = 6) ->
     if not curves:
         return []
     shortest = min(len(c) for seeds in curves.values() for c in seeds)
-    epochs = sorted({round(e) for e in np.linspace(1, shortest, min(columns, shortest))})
+    epochs = sorted({int(round(e)) for e in np.linspace(1, shortest, min(columns, shortest))})
     cells = []
     for (model, _, tvs), seeds in sorted(curves.items(), key=lambda item: (item[0][2], item[0][1])):
         shown = [
@@ -205,10 +206,10 @@ def convergence_table(records: Sequence[Mapping[str, Any]], columns: int = 6) ->
         best = ", ".join(str(int(np.argmin(c)) + 1) for c in seeds)
         cells.append([model, f"{tvs}", f"{len(seeds)}", *shown, best])
     intro = [
-        "Validation RMSE (normalised units, validation subjects) of each cell's exported run "
-        "after the given epochs, mean ± sd over seeds, and per seed the epoch of its lowest "
-        "value: a curve still falling at the last epoch was stopped by the epoch budget, not "
-        "by convergence.",
+        "Validation RMSE (normalised units, on the validation patches) of each cell's exported "
+        "run after the given epochs, mean ± sd over seeds, and per seed the epoch of its "
+        "lowest value: a curve still falling at the last epoch was stopped by the epoch "
+        "budget, not by convergence.",
         "",
     ]
     headings = ("Model", "Subjects (TVS)", "Seeds", *(f"epoch {e}" for e in epochs))
