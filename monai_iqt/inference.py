@@ -171,13 +171,15 @@ def run_inference(
     """
     from monai_iqt import inferers, outputs
 
-    check_inference_settings.__wrapped__(
+    check_inference_settings.__wrapped__(  # every setting, as the bundle's initialize does
         inference_mode,
         roi_size,
         sw_batch_size,
         tensor_order,
         repair_tensors,
         mc_samples,
+        predict_variance,
+        normalisation_path,
         output_tensor_order=output_tensor_order,
         voxel_size_mismatch=voxel_size_mismatch,
     )
@@ -190,16 +192,6 @@ def run_inference(
         tensor_order,
         normalisation_path,
         voxel_size_mismatch,
-    )
-    check_inference_settings.__wrapped__(
-        inference_mode,
-        roi_size,
-        sw_batch_size,
-        tensor_order,
-        repair_tensors,
-        mc_samples,
-        predict_variance,
-        normalisation_path,
     )
     volume_inferer = inferers.make_inferer(
         model_path,
