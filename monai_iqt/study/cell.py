@@ -198,14 +198,21 @@ def _best_val_rmse(cell_dir: Path) -> float | None:
         return None
 
 
+def _runs(cell_dir: Path) -> list[dict[str, Any]]:
+    """The cell's training runs as ``runs/runs.json`` records them (none if unreadable)."""
+    try:
+        return json.loads((cell_dir / "runs" / "runs.json").read_text())["runs"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
 def validation_curve(cell_dir: Path) -> list[float]:
     """Validation RMSE after each epoch of the cell's exported run (the best of its restarts,
     ``runs/runs.json``); empty where the runs record none. It shows whether a cell's training
     had converged or was still improving when its epochs ran out."""
     try:
-        summary = json.loads((cell_dir / "runs" / "runs.json").read_text())
-        history = best_record(summary).get("history") or []
-    except (OSError, ValueError, KeyError, RuntimeError):
+        history = best_record({"runs": _runs(cell_dir)}).get("history") or []
+    except (KeyError, RuntimeError):
         return []
     return [float(entry["val_rmse"]) for entry in history if entry.get("val_rmse") is not None]
 
@@ -214,12 +221,8 @@ def _training_times(cell_dir: Path, training_seconds: float) -> dict[str, float]
     """A cell's training time split as its runs recorded it (``runs.json``: patches, step,
     validation, other, per epoch), ``setup`` being the rest of the subprocess's wall time
     (start, reading the subjects, statistics, checkpoints, export)."""
-    try:
-        runs = json.loads((cell_dir / "runs" / "runs.json").read_text())["runs"]
-    except (OSError, ValueError, KeyError):
-        runs = []
     times = dict.fromkeys(TIME_PARTS[:4], 0.0)
-    for run in runs:
+    for run in _runs(cell_dir):
         for part, seconds in (run.get("epoch_seconds") or {}).items():
             if part in times:
                 times[part] += float(seconds)
