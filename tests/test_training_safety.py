@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
+from monai.bundle import ConfigParser
 from training_commands import ENV, REPO, TRAIN_CONFIG, run_training, training_command
 
-from monai_iqt import defaults
 from monai_iqt.training import check_settings
 from monai_iqt.training.settings import compare_settings
 from preprocessing.errors import InputError
@@ -64,18 +64,12 @@ def trained(preprocessed_root: Path, tmp_path_factory: pytest.TempPathFactory) -
     return output_dir
 
 
-def _default(value):
-    """A config value, with a ``$monai_iqt.defaults.NAME`` reference read as the config reads it."""
-    prefix = "$monai_iqt.defaults."
-    if isinstance(value, str) and value.startswith(prefix):
-        return getattr(defaults, value[len(prefix) :])
-    return value
-
-
 def settings(dataset_dir: Path, output_dir: Path, /, **overrides) -> dict:
-    """The bundle's defaults with QUICK, as the config hands them to ``check_settings``."""
-    config = json.loads(TRAIN_CONFIG.read_text())
-    values = {key: _default(config[key]) for key in config["settings"]}
+    """The bundle's defaults with QUICK, as the config hands them to ``check_settings``
+    (MONAI's parser resolves the config's references, e.g. ``$monai_iqt.defaults.NAME``)."""
+    config = ConfigParser()
+    config.read_config(str(TRAIN_CONFIG))
+    values = {key: config.get_parsed_content(key) for key in config["settings"]}
     return {**values, **QUICK, "dataset_dir": dataset_dir, "output_dir": output_dir, **overrides}
 
 
